@@ -1,0 +1,181 @@
+"""Compare runs: a Markdown table of one or more results.json beside the reference results, and PNG plots.
+
+    tools/report RUN_OR_RESULTS [...] [--out DIR] [--all-references]
+
+Writes ``DIR/report.md``, ``DIR/loss.png`` and ``DIR/step_time.png`` (default DIR: ``report/`` inside the
+first run folder) and prints the Markdown. The reference numbers are those of
+``reference/ANCHORS.md`` ("Reference results"), embedded below with their sources.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+from bevkit.results import load_results
+
+#: ANCHORS.md "Reference results": FPS = global batch / mean step time.
+REFERENCES: List[Dict[str, Any]] = [
+    {"model": "fbocc", "source": "DrivingSDK FBOCC README", "where": "Atlas 800T A2 (NPU)", "device": "npu",
+     "cards": 8, "global_batch": 32, "schedule": "80,040 iters (20 ep)", "step_ms": 1538.0, "fps": 20.80,
+     "accuracy": {"miou": 39.85}},
+    {"model": "fbocc", "source": "DrivingSDK FBOCC README", "where": "competitor GPU", "device": "cuda",
+     "cards": 8, "global_batch": 32, "schedule": "80,040 iters (20 ep)", "step_ms": 952.0, "fps": 33.61,
+     "accuracy": {"miou": 39.80}},
+    {"model": "fbocc", "source": "NVlabs/FB-BEV README", "where": "16 GPUs x 4", "device": "cuda",
+     "cards": 16, "global_batch": 64, "schedule": "39,980 iters", "step_ms": None, "fps": None,
+     "accuracy": {"miou": 39.1}},
+    {"model": "bevdepth", "source": "DrivingSDK BEVDepth README", "where": "Atlas 800T A2 (NPU)", "device": "npu",
+     "cards": 8, "global_batch": 64, "schedule": "24 epochs", "step_ms": None, "fps": 32.29,
+     "accuracy": {"map": 32.53, "nds": 43.32}},
+    {"model": "bevdepth", "source": "DrivingSDK BEVDepth README", "where": "competitor GPU", "device": "cuda",
+     "cards": 8, "global_batch": 64, "schedule": "24 epochs", "step_ms": None, "fps": 22.11,
+     "accuracy": {"map": 32.33, "nds": 43.36}},
+    {"model": "bevdepth", "source": "Megvii BEVDepth README", "where": "8 GPUs", "device": "cuda",
+     "cards": 8, "global_batch": 64, "schedule": "24 epochs", "step_ms": None, "fps": None,
+     "accuracy": {"map": 33.04, "nds": 43.55}},
+]
+
+ACCURACY_KEYS = (("miou", "mIoU"), ("map", "mAP"), ("nds", "NDS"))
+
+
+def _num(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def accuracy_text(metrics: Mapping[str, Any]) -> str:
+    parts = [f"{name} {_num(float(metrics[key]))}" for key, name in ACCURACY_KEYS
+             if isinstance(metrics.get(key), (int, float))]
+    return " / ".join(parts) or "-"
+
+
+def reference_for(run: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """The reference row measured on the same device type, card count and global batch, if any."""
+    for ref in REFERENCES:
+        if (ref["model"] == run.get("model") and ref["device"] == run.get("device") and ref["fps"]
+                and ref["cards"] == run.get("world_size") and ref["global_batch"] == run.get("global_batch")):
+            return ref
+    return None
+
+
+def run_label(run: Mapping[str, Any]) -> str:
+    path = Path(run.get("_path", ""))
+    return path.parent.name or run.get("model", "run")
+
+
+def markdown(runs: Sequence[Mapping[str, Any]], all_references: bool = False) -> str:
+    header = ("| Run | Model | Mode | Device | Cards | Global batch | Steps (warm-up) | Step time mean / median (ms) "
+              "| FPS | FPS vs reference | Accuracy | Loss first -> last | Status |")
+    lines = ["## Runs", "", header, "|" + "---|" * (header.count("|") - 1)]
+    for run in runs:
+        mean, median = run.get("step_time_mean_s"), run.get("step_time_median_s")
+        ref = reference_for(run)
+        vs = (f"{run['fps'] / ref['fps']:.2f}x ({ref['where']})" if ref and run.get("fps") else "-")
+        lines.append("| " + " | ".join([
+            run_label(run), run.get("display_name") or run.get("model", "?"), run.get("mode", "?"),
+            str(run.get("device", "?")), f"{run.get('world_size', '?')} ({run.get('nodes', 1)} node)",
+            _num(run.get("global_batch")), f"{run.get('steps', 0)} ({run.get('warmup_steps', 0)})",
+            f"{_num(mean * 1000 if mean is not None else None, 1)} / "
+            f"{_num(median * 1000 if median is not None else None, 1)}",
+            _num(run.get("fps")), vs, accuracy_text(run.get("metrics") or {}),
+            f"{_num(run.get('loss_first'), 4)} -> {_num(run.get('loss_last'), 4)}",
+            f"{run.get('status', '?')} (exit {run.get('exit_code', '?')})",
+        ]) + " |")
+    models = {r.get("model") for r in runs}
+    refs = [r for r in REFERENCES if all_references or r["model"] in models]
+    if refs:
+        lines += ["", "## Reference results (reference/ANCHORS.md)", "",
+                  "| Model | Source | Where | Cards | Global batch | Schedule | Step time (ms) | FPS | Accuracy |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for ref in refs:
+            lines.append("| " + " | ".join([
+                ref["model"], ref["source"], ref["where"], str(ref["cards"]), str(ref["global_batch"]),
+                ref["schedule"], _num(ref["step_ms"], 0), _num(ref["fps"]), accuracy_text(ref["accuracy"]),
+            ]) + " |")
+    lines += ["", "FPS = global batch / mean step time over the steps after the warm-up (median in results.json "
+              "as fps_median). Reference FPS: DrivingSDK averages the last logged iterations. Compare FPS only "
+              "at the same cards and global batch (the FPS vs reference column does that)."]
+    return "\n".join(lines) + "\n"
+
+
+def _series(run: Mapping[str, Any], key: str) -> tuple:
+    per = run.get("per_step") or {}
+    steps, values = per.get("step") or [], per.get(key) or []
+    pairs = [(s, v) for s, v in zip(steps, values) if s is not None and v is not None]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def plot(runs: Sequence[Mapping[str, Any]], out_dir: Path) -> List[Path]:
+    """loss.png and step_time.png (one line per run; the warm-up boundary dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    written = []
+    for key, name, ylabel, scale in (("loss", "loss.png", "loss", 1.0),
+                                     ("time_s", "step_time.png", "step time (ms)", 1000.0)):
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        positive = True
+        drawn = 0
+        for run in runs:
+            xs, ys = _series(run, key)
+            if not xs:
+                continue
+            ys = [y * scale for y in ys]
+            positive = positive and min(ys) > 0
+            line, = ax.plot(xs, ys, linewidth=1, label=f"{run_label(run)} ({run.get('model')}, "
+                                                         f"{run.get('device')} x{run.get('world_size')})")
+            drawn += 1
+            if key == "time_s" and run.get("warmup_steps"):
+                ax.axvline(run["warmup_steps"] + 0.5, color=line.get_color(), linestyle="--", linewidth=0.8)
+        if key == "loss" and drawn and positive:
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{ylabel} per step" + (" (dashed: end of warm-up)" if key == "time_s" else ""))
+        ax.grid(True, alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no step records", ha="center", va="center", transform=ax.transAxes)
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="tools/report", description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", type=Path, help="results.json files or run folders")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: report/ inside the first run folder)")
+    p.add_argument("--all-references", action="store_true", help="list the references of every model")
+    args = p.parse_args(argv)
+    try:
+        runs = [load_results(path) for path in args.runs]
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out_dir = args.out or Path(runs[0]["_path"]).parent / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = markdown(runs, all_references=args.all_references)
+    (out_dir / "report.md").write_text(text, encoding="utf-8")
+    pngs = plot(runs, out_dir)
+    print(text)
+    print(f"report: {out_dir / 'report.md'}")
+    for png in pngs:
+        print(f"plot: {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
