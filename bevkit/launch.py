@@ -239,13 +239,29 @@ def _join_paths(*parts: Optional[str]) -> str:
     return os.pathsep.join(seen)
 
 
-def upstream_checkout(name: str) -> Path:
+def upstream_checkout(name: str) -> Tuple[Path, List[Path]]:
+    """(checkout folder, its PYTHONPATH entries) from bevkit.upstream, or <repo>/upstream/<name>."""
     try:
-        from bevkit import upstream  # issue-2 helper; may not exist in early checkouts
+        from bevkit import upstream  # the registry; lazily, it is not needed for upstream-free specs
 
-        return Path(upstream.checkout_dir(name))
+        checkout = Path(upstream.checkout_dir(name))
+        entries = [Path(p) for p in upstream.pythonpath(name)] if hasattr(upstream, "pythonpath") else [checkout]
+        return checkout, entries
     except (ImportError, AttributeError):
-        return REPO_ROOT / "upstream" / name
+        checkout = REPO_ROOT / "upstream" / name
+        return checkout, [checkout]
+
+
+def upstream_problems(name: str) -> List[str]:
+    """What is wrong with the upstream checkout (wrong commit, patches not applied...), with the fixes."""
+    try:
+        from bevkit import upstream
+    except ImportError:
+        return []
+    if not hasattr(upstream, "status"):
+        return []
+    st = upstream.status(name)
+    return [f"{what} -> fix: {fix}" for what, fix in getattr(st, "problems", [])]
 
 
 # ------------------------------------------------------------------------------------------- plan
@@ -355,12 +371,18 @@ def make_plan(args: argparse.Namespace, extra: Sequence[str], environ: Optional[
 
     # --- upstream checkout
     checkout: Optional[Path] = None
+    upstream_path: List[Path] = []
     if spec.upstream:
-        checkout = upstream_checkout(spec.upstream)
+        checkout, upstream_path = upstream_checkout(spec.upstream)
         if not checkout.is_dir():
             (warnings if dry else _raise)(
                 f"upstream {spec.upstream} is not checked out at {checkout}: run ./setup.sh "
-                f"(or tools/upstream) first")
+                f"(or tools/upstream materialize {spec.upstream}) first")
+        else:
+            problems = upstream_problems(spec.upstream)
+            if problems:
+                (warnings if dry else _raise)(f"upstream checkout {checkout} is not usable:\n  "
+                                              + "\n  ".join(problems))
 
     request = LaunchRequest(mode=mode, device=device, data_root=data_root, run_dir=run_dir,
                             nproc_per_node=nproc, nnodes=nnodes, config=config, checkpoint=checkpoint,
@@ -399,7 +421,7 @@ def make_plan(args: argparse.Namespace, extra: Sequence[str], environ: Optional[
     if device == "cpu" and "OMP_NUM_THREADS" not in environ:
         env["OMP_NUM_THREADS"] = str(max(1, (cores or usable_cores()) // nproc))
     env.setdefault("PYTHONUNBUFFERED", "1")  # stream rank output into the tee as it happens
-    env["PYTHONPATH"] = _join_paths(str(checkout) if checkout else None, str(REPO_ROOT), env.get("PYTHONPATH"))
+    env["PYTHONPATH"] = _join_paths(*[str(p) for p in upstream_path], str(REPO_ROOT), env.get("PYTHONPATH"))
     env.update({
         "BEVKIT_RUN_DIR": str(run_dir),
         "BEVKIT_MODEL": spec.name,

@@ -252,34 +252,34 @@ def _git_head(path: Path) -> Optional[str]:
 
 
 def upstream_info(name: Optional[str], checkout: Optional[Path] = None) -> Dict[str, Any]:
-    """Upstream provenance: pinned commit, the checkout's HEAD, and sha256 of our patch files.
+    """Upstream provenance: pinned commit, the checkout's commit and patch state, sha256 of our patches.
 
-    Uses bevkit.upstream's registry when it is there; every part is best effort (None when unknown).
+    Read from bevkit.upstream (registry + read-only status); best effort: never fails the results.
     """
     if not name:
         return {}
-    info: Dict[str, Any] = {"name": name, "commit": None, "checkout": str(checkout) if checkout else None,
-                            "checkout_head": None, "patches": {}}
-    entry = None
+    info: Dict[str, Any] = {"name": name, "pinned_commit": None, "commit": None,
+                            "checkout": str(checkout) if checkout else None, "state": None, "patches": {}}
     try:
-        from bevkit import upstream as up  # issue-2 module; absent in early checkouts
+        from bevkit import upstream as up
 
-        entry = getattr(up, "UPSTREAMS", {}).get(name)
-        if hasattr(up, "provenance"):
-            info.update(_jsonable(up.provenance(name)))
-    except Exception as e:  # never let provenance break the results
-        info["error"] = f"bevkit.upstream: {e}"
-    if entry is not None:
-        get = entry.get if isinstance(entry, Mapping) else (lambda k, d=None: getattr(entry, k, d))
-        info["commit"] = info.get("commit") or get("commit")
-        info["url"] = get("url")
-        patches = get("patches") or get("patch_files") or ()
-        if isinstance(patches, (str, Path)):
-            patches = [patches]
-        if not info.get("patches"):
-            info["patches"] = {str(p): _sha256(REPO_ROOT / p) for p in patches}
-    if checkout is not None and Path(checkout).is_dir() and not info.get("checkout_head"):
-        info["checkout_head"] = _git_head(Path(checkout))
+        entry = up.get(name)
+        info["pinned_commit"] = entry.commit
+        info["url"] = entry.url
+        for rel in entry.patches:
+            path = Path(entry.patch_root) / rel
+            info["patches"][str(rel)] = {"sha256": _sha256(path), "state": None}
+        st = up.status(name, dest=checkout) if checkout is not None else up.status(name)
+        info["commit"] = st.commit
+        info["state"] = st.state
+        for rel, state in st.patches:
+            info["patches"].setdefault(str(rel), {"sha256": None})["state"] = state
+        if st.problems:
+            info["problems"] = [f"{what} -> {fix}" for what, fix in st.problems]
+    except Exception as e:  # an old/partial bevkit.upstream, or git missing
+        info["error"] = f"bevkit.upstream: {type(e).__name__}: {e}"
+        if checkout is not None and Path(checkout).is_dir() and not info["commit"]:
+            info["commit"] = _git_head(Path(checkout))
     return info
 
 
