@@ -308,6 +308,12 @@ def make_plan(args: argparse.Namespace, extra: Sequence[str], environ: Optional[
     notes: List[str] = []
     warnings: List[str] = []
 
+    def refuse(message: str) -> None:
+        """A real launch stops here; a dry run shows the problem and goes on printing the command."""
+        if not dry:
+            raise LaunchError(message)
+        warnings.append(message)
+
     # --- cluster shape
     nproc = args.nproc if args.nproc is not None else DEFAULT_NPROC
     nnodes = args.nnodes if args.nnodes is not None else (_int_env(environ, "NNODES") or 1)
@@ -353,10 +359,10 @@ def make_plan(args: argparse.Namespace, extra: Sequence[str], environ: Optional[
     if config is None and spec.configs.get(mode):
         config = REPO_ROOT / spec.configs[mode]
     if config is not None and not config.is_file():
-        (warnings if dry else _raise)(f"config {config} does not exist (--config FILE)")
+        refuse(f"config {config} does not exist (--config FILE)")
     checkpoint = _abs(args.checkpoint)
     if checkpoint is not None and not checkpoint.is_file():
-        (warnings if dry else _raise)(f"checkpoint {checkpoint} does not exist (--checkpoint FILE)")
+        refuse(f"checkpoint {checkpoint} does not exist (--checkpoint FILE)")
     max_steps = args.max_steps
     if max_steps is None and mode == "performance":
         max_steps = getattr(spec, "performance_steps", None) or DEFAULT_PERFORMANCE_STEPS
@@ -375,13 +381,13 @@ def make_plan(args: argparse.Namespace, extra: Sequence[str], environ: Optional[
     if spec.upstream:
         checkout, upstream_path = upstream_checkout(spec.upstream)
         if not checkout.is_dir():
-            (warnings if dry else _raise)(
+            refuse(
                 f"upstream {spec.upstream} is not checked out at {checkout}: run ./setup.sh "
                 f"(or tools/upstream materialize {spec.upstream}) first")
         else:
             problems = upstream_problems(spec.upstream)
             if problems:
-                (warnings if dry else _raise)(f"upstream checkout {checkout} is not usable:\n  "
+                refuse(f"upstream checkout {checkout} is not usable:\n  "
                                               + "\n  ".join(problems))
 
     request = LaunchRequest(mode=mode, device=device, data_root=data_root, run_dir=run_dir,
@@ -410,7 +416,7 @@ def make_plan(args: argparse.Namespace, extra: Sequence[str], environ: Optional[
         elif env.get("ASCEND_TOOLKIT_HOME") or env.get("ASCEND_OPP_PATH"):
             notes.append("CANN set_env.sh not found; using the CANN environment already loaded in this shell")
         else:
-            (warnings if dry else _raise)(
+            refuse(
                 "CANN not found: install the CANN toolkit or point ASCEND_HOME_PATH at it "
                 "(e.g. /usr/local/Ascend/ascend-toolkit/latest), or set BEVKIT_CANN_SET_ENV=/path/to/set_env.sh")
     for key, value in file_values.items():
@@ -447,10 +453,6 @@ def make_plan(args: argparse.Namespace, extra: Sequence[str], environ: Optional[
                 cwd=cwd, work_dir=work_dir, node_rank=node_rank, master_addr=master_addr, master_port=port,
                 batch_per_device=batch, cann_set_env=cann, env_files=env_files, notes=notes,
                 warnings=warnings)
-
-
-def _raise(message: str) -> None:
-    raise LaunchError(message)
 
 
 # ---------------------------------------------------------------------------------------- run dirs

@@ -271,3 +271,28 @@ def test_tools_launch_shell_entry_runs_the_module(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "toy_train.py --steps 3" in out.stdout and "--nproc_per_node=2" in out.stdout
     assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_lists_what_a_real_launch_would_refuse(stub, monkeypatch):
+    missing = stub.tmp / "upstream" / "Not-There"
+    monkeypatch.setattr(launch, "upstream_checkout", lambda name: (missing, [missing]))
+    environ = dict(BASE_ENV, ASCEND_HOME_PATH="/nonexistent/latest")
+    options = ["--mode", "eval", "--device", "npu", "--checkpoint", str(stub.tmp / "nope.pth"),
+               "--config", str(stub.tmp / "nope.py")]
+    plan = plan_for(stub, *options, environ=environ)
+    text = "\n".join(plan.warnings)
+    for expected in ("nope.py does not exist", "nope.pth does not exist", "not checked out", "CANN not found"):
+        assert expected in text
+    assert plan.cwd == REPO_ROOT  # no checkout to run in
+    args = launch.build_parser().parse_args(["--model", "stubnet", "--data-root", str(stub.data), *options])
+    with pytest.raises(launch.LaunchError, match="nope.py does not exist"):
+        launch.make_plan(args, [], environ=environ)
+
+
+def test_unusable_upstream_checkout_is_refused(stub, monkeypatch):
+    monkeypatch.setattr(launch, "upstream_problems",
+                        lambda name: ["patch fbocc.patch is not applied -> fix: run setup.sh"])
+    args = launch.build_parser().parse_args(["--model", "stubnet", "--mode", "full", "--device", "cpu",
+                                             "--data-root", str(stub.data)])
+    with pytest.raises(launch.LaunchError, match="not usable:\n  patch fbocc.patch is not applied"):
+        launch.make_plan(args, [], environ=dict(BASE_ENV))
