@@ -1,0 +1,165 @@
+"""setup.sh: help, argument errors, profile detection and per-profile plans (dry runs), and, when the
+running venv was made by setup.sh, that a second run is a quick no-op."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SETUP = REPO / "setup.sh"
+
+
+def run(*args, env=None, path_prepend=None, timeout=120):
+    e = {k: v for k, v in os.environ.items()
+         if not k.startswith(("BEVKIT_", "ASCEND_")) and k not in ("FBBEV_SRC", "BEVDEPTH_SRC")}
+    e.update(env or {})
+    if path_prepend:
+        e["PATH"] = f"{path_prepend}{os.pathsep}{e['PATH']}"
+    return subprocess.run(["bash", str(SETUP), *args], cwd=str(REPO), env=e, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=timeout)
+
+
+def test_help_documents_every_option():
+    proc = run("--help")
+    assert proc.returncode == 0
+    parsed = set(re.findall(r"^\s+(--[a-z-]+)\)", SETUP.read_text(), re.M))
+    parsed |= {o for alt in re.findall(r"^\s+(-h\|--help)\)", SETUP.read_text(), re.M) for o in alt.split("|")}
+    assert len(parsed) > 10
+    for option in parsed:
+        assert re.search(rf"^\s+(?:-\w, )?{re.escape(option)}\b", proc.stdout, re.M), f"{option} missing from --help"
+    for env in ("FBBEV_SRC", "BEVDEPTH_SRC", "BEVKIT_TORCH_INDEX"):
+        assert env in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bogus"], "unknown option '--bogus'"),
+    (["--profile", "tpu"], "unknown profile 'tpu'"),
+    (["--models", "fbocc,yolo"], "unknown model 'yolo'"),
+    (["--venv"], "option --venv needs a value"),
+    (["--fbbev-src", "--no-upstream"], "option --fbbev-src needs a value"),
+    (["--jobs", "0"], "--jobs must be a positive number"),
+    (["--profile=cpu"], "write '--profile cpu'"),
+    (["--python", "no-such-python3"], "not found"),
+])
+def test_argument_errors_exit_2_with_a_message(args, message):
+    proc = run(*args)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "--help" in proc.stderr
+    assert proc.stdout == ""  # nothing was started
+
+
+def _fake_tool(folder: Path, name: str) -> None:
+    folder.mkdir(exist_ok=True)
+    tool = folder / name
+    tool.write_text("#!/bin/sh\nexit 0\n")
+    tool.chmod(0o755)
+
+
+def _plan(*args, **kw) -> str:
+    proc = run("--dry-run", "--venv", "/nonexistent/venv", *args, **kw)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_profile_detection(tmp_path):
+    import shutil
+
+    if shutil.which("nvidia-smi") or shutil.which("npu-smi"):
+        pytest.skip("this machine has an accelerator tool on PATH")
+    assert "profile cpu (detected)" in _plan()
+    _fake_tool(tmp_path / "gpu", "nvidia-smi")
+    assert "profile cuda (detected)" in _plan(path_prepend=tmp_path / "gpu")
+    _fake_tool(tmp_path / "npu", "npu-smi")
+    assert "profile npu (detected)" in _plan("--cann-env", "/dev/null", path_prepend=tmp_path / "npu")
+    assert "profile cpu (chosen)" in _plan("--profile", "cpu", path_prepend=tmp_path / "gpu")
+    assert "profile cuda (chosen)" in _plan(env={"BEVKIT_PROFILE": "cuda"})
+
+
+def test_cpu_plan_never_installs_npu_packages_or_cuda_builds():
+    plan = _plan("--profile", "cpu")
+    assert "torch_npu" not in plan and "torch-npu" not in plan and "mx-driving" not in plan
+    mmcv = next(line for line in plan.splitlines() if "mmcv:" in line)
+    assert "MMCV_WITH_OPS=1" in mmcv and "--no-build-isolation" in mmcv and "FORCE_" not in mmcv
+    assert "cpu-nodeps.txt" in plan and "--no-deps" in plan  # torchvision without a CUDA torch
+    assert re.search(r"kit: would run: .*-e .* --no-build-isolation --no-deps", plan)
+
+
+def test_npu_plan_picks_torch_npu_for_the_installed_cann(tmp_path):
+    home = tmp_path / "ascend-toolkit" / "latest"
+    (home / "aarch64-linux").mkdir(parents=True)
+    (home / "aarch64-linux" / "ascend_toolkit_install.info").write_text("version=8.1.RC1\n")
+    set_env = tmp_path / "ascend-toolkit" / "set_env.sh"
+    set_env.write_text(f"export ASCEND_TOOLKIT_HOME={home}\nexport ASCEND_HOME_PATH={home}\n")
+    plan = _plan("--profile", "npu", "--cann-env", str(set_env))
+    assert f"cann: sourced {set_env}" in plan
+    assert "torch-npu==2.1.0.post12" in plan  # CANN 8.1.RC1's build, not the default
+    assert plan.index("torch-npu==") < plan.index("npu-accel.txt")  # mx_driving after torch_npu
+    assert "FORCE_NPU=1" in plan
+    assert "spconv" not in plan and "fbocc-npu" not in plan  # spconv is cpu/cuda only
+
+
+def test_npu_without_cann_fails_with_the_fix(tmp_path):
+    proc = run("--profile", "npu", "--venv", str(tmp_path / "v"))
+    assert proc.returncode == 1 and "--cann-env" in proc.stderr
+    assert not (tmp_path / "v").exists()
+
+
+def test_cuda_plan_builds_mmcv_with_cuda():
+    plan = _plan("--profile", "cuda")
+    assert "FORCE_CUDA=1" in plan and "fbocc-cuda.txt" in plan and "torch-npu" not in plan
+
+
+def test_models_and_no_upstream_limit_the_work():
+    plan = _plan("--profile", "cpu", "--models", "bevdepth", "--no-upstream")
+    assert "bevdepth-deps" in plan and "bevdepth-nodeps" in plan
+    assert "fbocc" not in plan.replace("models bevdepth", "")
+    assert "upstream: skipped (--no-upstream)" in plan and "materialize" not in plan
+    plan = _plan("--profile", "cpu", "--models", "fbocc", "--upstream-dir", "/somewhere/up")
+    assert "upstream FB-BEV: would materialize into /somewhere/up/FB-BEV" in plan and "BEVDepth" not in plan
+
+
+def _stamped_venv() -> Path:
+    venv = Path(sys.prefix)
+    if not (venv / ".bevkit-stamps" / "kit").is_file():
+        pytest.skip(f"the running venv {venv} was not made by setup.sh")
+    return venv
+
+
+def test_second_run_is_a_quick_no_op():
+    venv = _stamped_venv()
+    profile = (venv / ".bevkit-stamps" / "profile").read_text().strip()
+    t0 = time.time()
+    proc = run("--profile", profile, "--venv", str(venv), "--no-upstream", timeout=300)
+    elapsed = time.time() - t0
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = [line for line in proc.stdout.splitlines() if re.match(r"\[setup +\d+s\] [\w-]+: ", line)]
+    ran = [line for line in steps if ": done (" in line]
+    assert not ran, f"a second run re-ran steps: {ran}"
+    assert sum("up to date" in line for line in steps) >= 6
+    assert elapsed < 60
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("Next: ")
+
+
+@pytest.mark.upstream
+def test_setup_materializes_both_upstreams_from_local_sources(tmp_path):
+    venv = _stamped_venv()
+    if not (os.environ.get("FBBEV_SRC") and os.environ.get("BEVDEPTH_SRC")):
+        pytest.skip("needs FBBEV_SRC and BEVDEPTH_SRC (a clone, bare git dir or tarball of each upstream)")
+    profile = (venv / ".bevkit-stamps" / "profile").read_text().strip()
+    args = ("--profile", profile, "--venv", str(venv), "--upstream-dir", str(tmp_path),
+            "--fbbev-src", os.environ["FBBEV_SRC"], "--bevdepth-src", os.environ["BEVDEPTH_SRC"])
+    proc = run(*args, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    from bevkit import upstream
+
+    for name in ("FB-BEV", "BEVDepth"):
+        st = upstream.status(name, tmp_path / name)
+        assert st.ok and st.state == "patched", st.problems
+    proc = run(*args, timeout=600)  # again: recognised, nothing re-applied
+    assert proc.returncode == 0 and "already applied" in proc.stdout or "no kit patches" in proc.stdout
