@@ -1,0 +1,163 @@
+"""Shared runtime compatibility fixes for the OpenMMLab 1.x stack on current torch/numpy (patch set 'common').
+
+Two kinds of fixes live here:
+
+- :func:`prepare_imports` must run *before* torchvision / mmdet3d are imported (it defines missing
+  torchvision op schemas; nothing to patch exists yet at that point). Model runtimes call it first.
+- :data:`PATCHES` is the 'common' :class:`~bevkit.patching.PatchSet`: named attribute patches applied by
+  ``bevkit.models.<model>.runtime.activate()`` for the run's device.
+
+Nothing here edits installed files.
+"""
+from __future__ import annotations
+
+import builtins
+import contextlib
+import ctypes
+import importlib.util
+import os
+import sys
+from typing import Iterator, Optional
+
+from .patching import PatchSet, RuntimePatch
+
+# Keeps the torch.library definitions alive: a Library object unregisters its ops when collected.
+_TORCHVISION_LIB = None
+
+
+def torchvision_needs_shim() -> bool:
+    """True when torchvision's compiled ops cannot load next to this torch (a CUDA-built wheel on CPU torch)."""
+    if "torchvision" in sys.modules:
+        return False  # already imported: it either worked or failed before we could help
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    folder = list(spec.submodule_search_locations)[0]
+    libs = [f for f in os.listdir(folder) if f.startswith("_C.") and f.endswith((".so", ".pyd"))]
+    if not libs:
+        return True
+    import torch  # noqa: F401  (the extension links against libtorch: load it first)
+
+    try:
+        # Loading registers the torchvision ops exactly as torchvision itself would.
+        ctypes.CDLL(os.path.join(folder, libs[0]), mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        return True  # e.g. libc10_cuda.so missing: the CUDA-built wheel on a CPU torch
+    return False
+
+
+def ensure_torchvision_importable() -> bool:
+    """Define the torchvision::nms/qnms schemas when torchvision's _C cannot load; returns True if it did.
+
+    torchvision >= 0.16 registers fake kernels for these two ops at import time and raises
+    ``operator torchvision::nms does not exist`` when its compiled library did not load. With the
+    schemas defined, ``import torchvision``, the model zoo and the Python-fallback ops work;
+    ``torchvision.ops.nms`` itself stays unavailable (FB-OCC/BEVDepth training never calls it).
+    """
+    global _TORCHVISION_LIB
+    if _TORCHVISION_LIB is not None or not torchvision_needs_shim():
+        return False
+    import torch
+
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _TORCHVISION_LIB = lib
+    return True
+
+
+def prepare_imports() -> None:
+    """Everything that must happen before upstream code is imported."""
+    ensure_torchvision_importable()
+
+
+@contextlib.contextmanager
+def mmcv_version_as(version: str) -> Iterator[None]:
+    """Let a package with a hard ``mmcv<=X`` assert import against mmcv 1.7.2 (e.g. PyPI mmdet3d 1.0.0rc4).
+
+    mmcv 1.7.0 cannot be built against torch >= 2 headers (it forces C++14); 1.7.1/1.7.2 are API-compatible
+    bug-fix releases. Only the import-time version check sees ``version``; the real value is restored after.
+    """
+    import mmcv
+
+    real = mmcv.__version__
+    mmcv.__version__ = version
+    try:
+        yield
+    finally:
+        mmcv.__version__ = real
+
+
+# --------------------------------------------------------------------------------------------------
+# Patch builders
+
+#: numpy >= 1.24 removed these aliases of builtins; mmdet3d 1.0 (vendored by FB-BEV) still uses
+#: np.bool/np.int on the training path (ObjectRangeFilter) and in evaluation.
+NUMPY_ALIASES = {"bool": builtins.bool, "int": builtins.int, "float": builtins.float,
+                 "complex": builtins.complex, "object": builtins.object, "str": builtins.str,
+                 "long": builtins.int}
+
+
+def _numpy_getattr(original):
+    def __getattr__(name):
+        if name in NUMPY_ALIASES:
+            return NUMPY_ALIASES[name]
+        return original(name)
+
+    __getattr__.__bevkit_original__ = original
+    return __getattr__
+
+
+def _accelerator_kind() -> str:
+    from .device import emulated_device
+
+    if emulated_device() == "npu":
+        return "npu"
+    kind = os.environ.get("BEVKIT_DEVICE")
+    if kind in ("npu", "cuda"):
+        return kind
+    from .device import default_device
+
+    return default_device()
+
+
+def _torch_at_least(major: int, minor: int) -> bool:
+    import torch
+
+    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    return version >= (major, minor)
+
+
+def _get_stream(original):
+    """torch >= 2.1 takes a torch.device in ``_get_stream``; mmcv 1.x still passes the device index."""
+    takes_device = _torch_at_least(2, 1)
+
+    def get_stream(device):
+        if isinstance(device, int) and takes_device:
+            if device == -1:
+                return None
+            import torch
+
+            device = torch.device(_accelerator_kind(), device)
+        return original(device)
+
+    return get_stream
+
+
+PATCHES = PatchSet("common", [
+    RuntimePatch(
+        name="numpy-removed-aliases",
+        target="numpy:__getattr__",
+        build=_numpy_getattr,
+        why="numpy >= 1.24 removed np.bool/np.int/np.float/...; the vendored mmdet3d 1.0 uses them on the "
+            "training path (ObjectRangeFilter) and in evaluation. Resolved lazily, nothing is added to numpy."),
+    RuntimePatch(
+        name="mmcv-scatter-get-stream",
+        target="mmcv.parallel._functions:_get_stream",
+        build=_get_stream,
+        devices=("npu", "cuda"),
+        why="torch >= 2.1 changed torch.nn.parallel._functions._get_stream to take a torch.device; mmcv 1.x "
+            "Scatter passes an int and fails with \"'int' object has no attribute 'type'\" when copying "
+            "batches to the accelerator (CPU runs never copy, so the patch is accelerator-only)."),
+])
+

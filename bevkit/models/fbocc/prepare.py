@@ -1,0 +1,203 @@
+"""FB-OCC data preparation: ``python -m bevkit.models.fbocc.prepare DATA_ROOT [options]``.
+
+1. Info files: runs FB-BEV's own ``tools/create_data_bevdet.py`` logic (``nuscenes_data_prep`` then
+   ``add_ann_adj_info``) on DATA_ROOT, writing DATA_ROOT/bevdetv2-nuscenes_infos_{train,val}.pkl. The
+   upstream script hard-codes ``./data/nuscenes``; the first function takes the root as an argument, the
+   second is run from a scratch folder whose ``data/nuscenes`` links to DATA_ROOT. Paths inside the infos
+   are absolute (DATA_ROOT resolved): run this again if the data root moves.
+2. Occ3D ground truth: DATA_ROOT/gts, or ``--occ3d DIR`` to link it there; every sample of the infos
+   must have gts/<scene>/<token>/labels.npz.
+3. Pretrained checkpoints (reference recipe only; ``--no-checkpoints`` for smoke runs): in CKPT_DIR
+   (default DATA_ROOT/ckpts), verified by sha256 (see :data:`CHECKPOINTS`).
+
+Exit status 0 when everything needed is in place, 1 otherwise (with what to do).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import os
+import pickle
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+INFO_PREFIX = "bevdetv2-nuscenes"
+VERSION = "v1.0-trainval"
+SPLITS = ("train", "val")
+
+#: Pretrained weights of the reference recipe. torchvision names its files with the first 8 hex digits of the
+#: file's sha256 (torch.hub checks that prefix); the depth-pretrain release publishes no checksum, so the kit
+#: records its sha256 in CKPT_DIR/SHA256SUMS the first time it is verified (and checks it from then on),
+#: unless a full sha256 is given here.
+CHECKPOINTS: Dict[str, Dict[str, Optional[str]]] = {
+    "resnet50-0676ba61.pth": {
+        "url": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+        "sha256": None,
+        "sha256_prefix": "0676ba61",
+        "used_as": "model.img_backbone.pretrained",
+    },
+    "r50_256x705_depth_pretrain.pth": {
+        "url": "https://github.com/zhiqi-li/storage/releases/download/v1.0/r50_256x705_depth_pretrain.pth",
+        "sha256": None,
+        "sha256_prefix": None,
+        "used_as": "load_from",
+    },
+}
+SUMS_FILE = "SHA256SUMS"
+
+
+def info_path(data_root: Path, split: str) -> Path:
+    return data_root / f"{INFO_PREFIX}_infos_{split}.pkl"
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_sums(ckpt_dir: Path) -> Dict[str, str]:
+    sums = {}
+    path = ckpt_dir / SUMS_FILE
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 2:
+                sums[parts[1].lstrip("*")] = parts[0]
+    return sums
+
+
+def check_checkpoints(ckpt_dir: Path, record: bool = True) -> List[str]:
+    """Problems with the pretrained checkpoints (empty list when all are present and verified)."""
+    problems = []
+    sums = _read_sums(ckpt_dir)
+    new_sums = dict(sums)
+    for name, meta in CHECKPOINTS.items():
+        path = ckpt_dir / name
+        if not path.is_file():
+            problems.append(f"missing checkpoint {path} ({meta['used_as']}): download it with\n"
+                            f"    mkdir -p {ckpt_dir} && wget -O {path} {meta['url']}\n"
+                            f"  or point the run elsewhere with --cfg-options ckpt_dir=DIR")
+            continue
+        digest = sha256_of(path)
+        expected = meta["sha256"] or sums.get(name)
+        if expected and digest != expected:
+            problems.append(f"{path}: sha256 {digest} does not match the recorded {expected}; download it "
+                            f"again from {meta['url']}")
+        elif meta["sha256_prefix"] and not digest.startswith(meta["sha256_prefix"]):
+            problems.append(f"{path}: sha256 {digest} does not start with {meta['sha256_prefix']} (the hash in "
+                            f"its file name): the file is corrupt or not the torchvision release; download "
+                            f"it again from {meta['url']}")
+        else:
+            new_sums[name] = digest
+    if record and new_sums != sums:  # only files that passed are recorded
+        (ckpt_dir / SUMS_FILE).write_text("".join(f"{d}  {n}\n" for n, d in sorted(new_sums.items())))
+    return problems
+
+
+@contextlib.contextmanager
+def _cwd_with_data_link(data_root: Path) -> Iterator[Path]:
+    """A scratch working directory where ./data/nuscenes is DATA_ROOT (for upstream's hard-coded paths)."""
+    previous = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="fbocc-prep-") as tmp:
+        (Path(tmp) / "data").mkdir()
+        (Path(tmp) / "data" / "nuscenes").symlink_to(data_root, target_is_directory=True)
+        os.chdir(tmp)
+        try:
+            yield Path(tmp)
+        finally:
+            os.chdir(previous)
+
+
+def create_infos(data_root: Path, fbbev_root: Path) -> List[Path]:
+    """Run upstream tools/create_data_bevdet.py's two steps with DATA_ROOT instead of ./data/nuscenes."""
+    from .runtime import activate
+
+    activate(str(fbbev_root / "tools" / "create_data_bevdet.py"), device="cpu")
+    import importlib
+
+    module = importlib.import_module("tools.create_data_bevdet")
+    module.nuscenes_data_prep(root_path=str(data_root), info_prefix=INFO_PREFIX, version=VERSION, max_sweeps=0)
+    with _cwd_with_data_link(data_root):
+        module.add_ann_adj_info(INFO_PREFIX)
+    return [info_path(data_root, s) for s in SPLITS]
+
+
+def check_occ3d(data_root: Path, occ3d: Optional[Path] = None) -> List[str]:
+    """Link DATA_ROOT/gts to ``occ3d`` if asked, then check every sample of the infos has labels.npz."""
+    gts = data_root / "gts"
+    if occ3d is not None:
+        occ3d = occ3d.resolve()
+        if not (occ3d.is_dir()):
+            return [f"--occ3d {occ3d} is not a directory (expected Occ3D-nuScenes gts/<scene>/<token>/labels.npz)"]
+        if gts.is_symlink() or not gts.exists():
+            if gts.is_symlink():
+                gts.unlink()
+            gts.symlink_to(occ3d, target_is_directory=True)
+        elif gts.resolve() != occ3d:
+            return [f"{gts} already exists and is not {occ3d}; move it away or drop --occ3d"]
+    if not gts.is_dir():
+        return [f"missing Occ3D ground truth {gts}: download Occ3D-nuScenes (gts.tar.gz) and extract it there, or "
+                f"pass --occ3d DIR to link an existing copy"]
+    problems = []
+    for split in SPLITS:
+        path = info_path(data_root, split)
+        if not path.is_file():
+            continue
+        with open(path, "rb") as f:
+            infos = pickle.load(f)["infos"]
+        missing = [i for i in infos if not (gts / i["scene_name"] / i["token"] / "labels.npz").is_file()]
+        if missing:
+            first = missing[0]
+            problems.append(f"{len(missing)} of {len(infos)} {split} samples have no Occ3D labels, e.g. "
+                            f"{gts / first['scene_name'] / first['token'] / 'labels.npz'}")
+    return problems
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bevkit.models.fbocc.prepare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data_root", type=Path, help="nuScenes root (v1.0-trainval/, samples/, maps/, ...)")
+    parser.add_argument("--fbbev", type=Path, default=None,
+                        help="FB-BEV checkout (default: $FBBEV_ROOT or upstream/FB-BEV of the kit)")
+    parser.add_argument("--occ3d", type=Path, default=None, help="Occ3D gts folder to link as DATA_ROOT/gts")
+    parser.add_argument("--ckpt-dir", type=Path, default=None, help="checkpoint folder (default DATA_ROOT/ckpts)")
+    parser.add_argument("--no-checkpoints", action="store_true",
+                        help="do not require the pretrained checkpoints (smoke runs use none)")
+    parser.add_argument("--force", action="store_true", help="recreate the info files even if present")
+    args = parser.parse_args(argv)
+
+    data_root = args.data_root.resolve()
+    if not (data_root / VERSION).is_dir():
+        print(f"error: {data_root / VERSION} not found: DATA_ROOT must be a nuScenes root "
+              f"(or make a synthetic one: python -m bevkit.data.synthetic --out DIR)", file=sys.stderr)
+        return 1
+    from .config import fbbev_root
+
+    fbbev = (args.fbbev or fbbev_root()).resolve()
+    if not (fbbev / "tools" / "create_data_bevdet.py").is_file():
+        print(f"error: no FB-BEV checkout at {fbbev}: run setup.sh or pass --fbbev DIR", file=sys.stderr)
+        return 1
+    problems: List[str] = []
+    if args.force or not all(info_path(data_root, s).is_file() for s in SPLITS):
+        for path in create_infos(data_root, fbbev):
+            print(f"wrote {path}")
+    else:
+        print(f"info files present in {data_root} (--force to recreate)")
+    problems += check_occ3d(data_root, args.occ3d)
+    if not args.no_checkpoints:
+        problems += check_checkpoints((args.ckpt_dir or data_root / "ckpts").resolve())
+    for problem in problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    if not problems:
+        print(f"FB-OCC data ready in {data_root}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,175 @@
+"""FB-OCC kit pieces that need neither the upstream source nor a device: launcher spec, config helpers,
+data-preparation checks, scripts and the patch file itself."""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import re
+import stat
+from pathlib import Path
+
+import pytest
+
+from bevkit.models import LaunchRequest, get_spec
+
+REPO = Path(__file__).resolve().parents[1]
+PATCH = REPO / "fbocc" / "fbocc.patch"
+
+
+def _request(mode, tmp_path, **kw):
+    return LaunchRequest(mode=mode, device="npu", data_root=tmp_path / "nus", run_dir=tmp_path / "run",
+                         nproc_per_node=8, nnodes=1, **kw)
+
+
+def test_spec_train_argv(tmp_path):
+    spec = get_spec("fbocc")
+    argv = spec.build_entry(_request("full", tmp_path))
+    assert argv[0] == "tools/train.py"
+    assert argv[1].endswith("fbocc/configs/fbocc_r50_8p.py") and Path(argv[1]).is_file()
+    assert argv[argv.index("--launcher") + 1] == "pytorch"
+    assert argv[argv.index("--work-dir") + 1] == str(tmp_path / "run")
+    assert argv[argv.index("--cfg-options") + 1] == f"data_root={tmp_path / 'nus'}/"
+    assert spec.batch_per_device(_request("full", tmp_path)) == 4
+    assert spec.batch_per_device(_request("smoke", tmp_path)) == 1
+
+
+def test_spec_eval_needs_checkpoint_and_merges_cfg_options(tmp_path):
+    spec = get_spec("fbocc")
+    with pytest.raises(ValueError, match="checkpoint"):
+        spec.build_entry(_request("eval", tmp_path))
+    argv = spec.build_entry(_request("eval", tmp_path, checkpoint=tmp_path / "w.pth",
+                                     extra_args=("--cfg-options", "sync_bn=True", "--seed", "1")))
+    assert argv[:3] == ["tools/test.py", argv[1], str(tmp_path / "w.pth")]
+    assert argv[argv.index("--eval") + 1] == "mIoU"
+    assert argv.count("--cfg-options") == 1  # argparse would keep only the last one
+    opts = argv[argv.index("--cfg-options") + 1:argv.index("--seed")]
+    assert opts == [f"data_root={tmp_path / 'nus'}/", "sync_bn=True"]
+
+
+def test_spec_custom_config_batch(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("_base_ = ['./base.py']\n")
+    (tmp_path / "base.py").write_text("samples_per_gpu = 3\n")
+    assert get_spec("fbocc").batch_per_device(_request("full", tmp_path, config=cfg)) == 3
+
+
+def test_configs_pin_the_reference_recipe():
+    text = (REPO / "fbocc/configs/fbocc_r50_8p.py").read_text()
+    assert re.search(r"^num_gpus = 8$", text, re.M) and re.search(r"^samples_per_gpu = 4$", text, re.M)
+    # 28130 // 32 * 4.554 -> 4002 iterations per epoch, 20 epochs
+    assert int(28130 // (8 * 4) * 4.554) * 20 == 80040
+    perf = (REPO / "fbocc/configs/fbocc_r50_8p_performance.py").read_text()
+    assert "performance_iters = 600" in perf
+
+
+def test_sync_bn_policy():
+    from bevkit.models.fbocc.patches import sync_bn_policy
+
+    assert sync_bn_policy("npu", 8) == "sync"
+    assert sync_bn_policy("cuda", 2) == "sync"
+    assert sync_bn_policy("cuda", 1) == "local"
+    assert sync_bn_policy("cpu", 2) == "local"
+
+
+def test_rebase_data_paths_follow_data_root():
+    mmcv = pytest.importorskip("mmcv")
+    from bevkit.models.fbocc.config import propagate_shared, rebase_data_paths
+
+    cfg = mmcv.Config(dict(
+        data_root="data/nuscenes/", occupancy_path="/mount/x/gts", load_from="ckpts/r50_256x705_depth_pretrain.pth",
+        data_config=dict(input_size=(128, 352)),
+        model=dict(img_backbone=dict(pretrained="ckpts/resnet50-0676ba61.pth")),
+        data=dict(train=dict(ann_file="data/nuscenes/bevdetv2-nuscenes_infos_train.pkl", data_root="data/nuscenes/",
+                             pipeline=[dict(type="PrepareImageInputs", data_config=dict(input_size=(256, 704))),
+                                       dict(type="LoadOccupancy", occupancy_path="/mount/x/gts")]),
+                  val=dict(ann_file="data/nuscenes/bevdetv2-nuscenes_infos_val.pkl", occupancy_path="/mount/x"))))
+    cfg.merge_from_dict({"data_root": "/d/nus"})
+    rebase_data_paths(cfg)
+    assert cfg.data.train.ann_file == "/d/nus/bevdetv2-nuscenes_infos_train.pkl"
+    assert cfg.data.val.ann_file == "/d/nus/bevdetv2-nuscenes_infos_val.pkl"
+    assert cfg.data.train.pipeline[1].occupancy_path == "/d/nus/gts" == cfg.data.val.occupancy_path
+    assert cfg.load_from == "/d/nus/ckpts/r50_256x705_depth_pretrain.pth"
+    assert cfg.model.img_backbone.pretrained == "/d/nus/ckpts/resnet50-0676ba61.pth"
+    assert propagate_shared(cfg) and cfg.data.train.pipeline[0].data_config.input_size == (128, 352)
+
+
+def test_device_policy_cpu_drops_fp16_and_uses_gloo():
+    mmcv = pytest.importorskip("mmcv")
+    from bevkit.models.fbocc.config import device_policy
+
+    cfg = mmcv.Config(dict(fp16=dict(loss_scale="dynamic"), sync_bn=True, dist_params=dict(backend="nccl")))
+    device_policy(cfg, "cpu", 2)
+    assert cfg.fp16 is None and cfg.sync_bn is False and cfg.dist_params.backend == "gloo"
+    cfg = mmcv.Config(dict(fp16=dict(loss_scale="dynamic"), sync_bn=True, dist_params=dict(backend="nccl")))
+    device_policy(cfg, "npu", 8)
+    assert cfg.fp16 == dict(loss_scale="dynamic") and cfg.sync_bn is True and cfg.dist_params.backend == "hccl"
+
+
+def test_checkpoint_check_messages_and_hash(tmp_path):
+    from bevkit.models.fbocc import prepare
+
+    problems = prepare.check_checkpoints(tmp_path)
+    assert len(problems) == 2 and all("wget" in p for p in problems)
+    (tmp_path / "resnet50-0676ba61.pth").write_bytes(b"not the torchvision file")
+    (tmp_path / "r50_256x705_depth_pretrain.pth").write_bytes(b"depth")
+    problems = prepare.check_checkpoints(tmp_path)
+    assert len(problems) == 1 and "0676ba61" in problems[0]
+    (tmp_path / "resnet50-0676ba61.pth").unlink()
+    prepare.check_checkpoints(tmp_path)  # records the depth-pretrain sha256 on first use
+    sums = (tmp_path / prepare.SUMS_FILE).read_text()
+    assert hashlib.sha256(b"depth").hexdigest() in sums
+    (tmp_path / "r50_256x705_depth_pretrain.pth").write_bytes(b"changed")
+    assert any("does not match the recorded" in p for p in prepare.check_checkpoints(tmp_path))
+
+
+def test_occ3d_check(tmp_path):
+    from bevkit.models.fbocc import prepare
+
+    root = tmp_path / "nus"
+    root.mkdir()
+    assert "missing Occ3D" in prepare.check_occ3d(root)[0]
+    infos = [{"scene_name": "scene-0001", "token": "a"}, {"scene_name": "scene-0001", "token": "b"}]
+    with open(prepare.info_path(root, "val"), "wb") as f:
+        pickle.dump({"infos": infos}, f)
+    occ = tmp_path / "occ3d"
+    (occ / "scene-0001" / "a").mkdir(parents=True)
+    (occ / "scene-0001" / "a" / "labels.npz").write_bytes(b"")
+    problems = prepare.check_occ3d(root, occ)
+    assert (root / "gts").is_symlink() and len(problems) == 1 and "1 of 2 val samples" in problems[0]
+    (occ / "scene-0001" / "b").mkdir()
+    (occ / "scene-0001" / "b" / "labels.npz").write_bytes(b"")
+    assert prepare.check_occ3d(root) == []
+
+
+def test_metrics_from_evaluate_output():
+    from bevkit.models.fbocc.results import OCC3D_CLASSES, occupancy_metrics
+
+    out = {name: float(i) for i, name in enumerate(OCC3D_CLASSES)}
+    out["bus"] = float("nan")
+    out["Overall"] = 7.5
+    metrics = occupancy_metrics(out)
+    assert metrics["miou"] == 7.5 and metrics["per_class_iou"]["bus"] is None
+    assert metrics["per_class_iou"]["vegetation"] == 16.0 and len(metrics["per_class_iou"]) == 17
+    assert occupancy_metrics({"mAP": 1.0}) is None
+
+
+@pytest.mark.parametrize("name", ["train_8p_full.sh", "train_8p_performance.sh", "eval.sh", "train_smoke.sh"])
+def test_scripts_are_thin_launcher_wrappers(name):
+    path = REPO / "fbocc" / "test" / name
+    assert path.stat().st_mode & stat.S_IXUSR, f"{path} is not executable"
+    text = path.read_text()
+    assert "tools/launch" in text and "--model fbocc" in text
+
+
+def test_patch_is_small_and_keeps_crlf():
+    data = PATCH.read_bytes()
+    files = re.findall(rb"^diff --git a/(\S+)", data, re.M)
+    assert len(files) <= 16
+    assert b"tools/train.py" in files and b"tools/test.py" in files
+    assert b"activate(__file__)" in data
+    # the two CRLF files of bevformer_utils keep CRLF on every added line
+    for crlf in (b"spatial_cross_attention_depth.py", b"multi_scale_deformable_attn_function.py"):
+        section = data.split(b"diff --git a/")[[i for i, f in enumerate(files) if f.endswith(crlf)][0] + 1]
+        added = [line for line in section.split(b"\n") if line.startswith(b"+") and not line.startswith(b"+++")]
+        assert added and all(line.endswith(b"\r") for line in added)
