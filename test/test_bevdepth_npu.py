@@ -1,0 +1,149 @@
+"""The NPU Lightning pieces (bevkit.lightning_npu, the kit CLI's NPU setup, NPU-only patches) against a
+fake torch_npu (test/fakes/torch_npu): no Ascend hardware, no upstream needed."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from bevkit.compat import prepare_imports  # noqa: E402
+
+prepare_imports()
+pl = pytest.importorskip("pytorch_lightning")
+
+FAKES = Path(__file__).resolve().parent / "fakes"
+
+
+@pytest.fixture
+def fake_npu(monkeypatch):
+    monkeypatch.syspath_prepend(str(FAKES))
+    for name in [m for m in sys.modules if m == "torch_npu" or m.startswith("torch_npu.")]:
+        monkeypatch.delitem(sys.modules, name)
+    fake = importlib.import_module("torch_npu")
+    assert getattr(fake, "FAKE", False), "the real torch_npu must never be imported by tests"
+    fake.CALLS.clear()
+    yield fake
+    for name in [m for m in sys.modules if m == "torch_npu" or m.startswith("torch_npu.")]:
+        sys.modules.pop(name, None)
+    if getattr(getattr(torch, "npu", None), "__name__", "") == "torch_npu.npu":
+        delattr(torch, "npu")
+
+
+def test_accelerator_devices(fake_npu, monkeypatch):
+    from bevkit.lightning_npu import NPUAccelerator
+
+    monkeypatch.setenv("FAKE_NPU_COUNT", "8")
+    assert NPUAccelerator.is_available()
+    assert NPUAccelerator.auto_device_count() == 8
+    assert NPUAccelerator.parse_devices(8) == list(range(8))
+    assert NPUAccelerator.parse_devices("0,3") == [0, 3]
+    assert NPUAccelerator.parse_devices(-1) == list(range(8))
+    assert NPUAccelerator.get_parallel_devices([0, 3]) == [torch.device("npu", 0), torch.device("npu", 3)]
+    with pytest.raises(ValueError, match="9 NPUs"):
+        NPUAccelerator.parse_devices(9)
+    NPUAccelerator().setup_device(torch.device("npu", 3))
+    assert ("set_device", torch.device("npu", 3)) in fake_npu.CALLS
+    with pytest.raises(ValueError, match="npu"):
+        NPUAccelerator().setup_device(torch.device("cpu"))
+
+
+def test_registered_by_name():
+    from pytorch_lightning.accelerators import AcceleratorRegistry
+    from pytorch_lightning.strategies import StrategyRegistry
+
+    import bevkit.lightning_npu as npu_mod
+
+    assert AcceleratorRegistry.get("npu").__class__ is npu_mod.NPUAccelerator
+    assert StrategyRegistry["ddp_npu"]["strategy"] is npu_mod.NPUDDPStrategy
+
+
+def _cli_args(**over):
+    base = dict(devices=None, gpus=None, num_nodes=None, precision=None)
+    base.update(over)
+    return argparse.Namespace(**base)
+
+
+def test_trainer_on_8_fake_npus_uses_hccl_and_npu_amp(fake_npu, monkeypatch):
+    from bevkit.lightning_npu import NPUAccelerator, NPUDDPStrategy, NPUMixedPrecisionPlugin
+    from bevkit.models.bevdepth.cli import trainer_setup, world_size_of
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.delenv("NNODES", raising=False)
+    kwargs = trainer_setup("npu", _cli_args())
+    assert world_size_of(kwargs) == 8
+    assert isinstance(kwargs["accelerator"], NPUAccelerator)
+    assert isinstance(kwargs["strategy"], NPUDDPStrategy)
+    assert [type(p) for p in kwargs["plugins"]] == [NPUMixedPrecisionPlugin]
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, **kwargs)
+    strategy = trainer.strategy
+    assert strategy._get_process_group_backend() == "hccl"
+    assert strategy.parallel_devices == [torch.device("npu", i) for i in range(8)]
+    assert strategy.root_device == torch.device("npu", 0)
+    assert strategy.determine_ddp_device_ids() == [0]
+    precision = trainer.precision_plugin
+    assert isinstance(precision, NPUMixedPrecisionPlugin)
+    assert precision.device == "npu" and precision.precision == "16"
+    assert isinstance(precision.scaler, fake_npu.GradScaler)
+
+
+def test_npu_autocast_device_type(fake_npu, monkeypatch):
+    from bevkit.lightning_npu import NPUMixedPrecisionPlugin
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, device_type, *args, **kwargs):
+            seen.append((device_type, kwargs.get("dtype")))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch, "autocast", Recorder)
+    with NPUMixedPrecisionPlugin().forward_context():
+        pass
+    assert seen == [("npu", torch.half)]
+    seen.clear()
+    plugin = NPUMixedPrecisionPlugin("bf16")
+    assert plugin.scaler is None
+    with plugin.forward_context():
+        pass
+    assert seen == [("npu", torch.bfloat16)]
+
+
+def test_single_npu_and_cpu_cuda_setups(fake_npu, monkeypatch):
+    from pytorch_lightning.strategies import DDPStrategy
+
+    from bevkit.lightning_npu import SingleNPUStrategy
+    from bevkit.models.bevdepth.cli import trainer_setup
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.delenv("NNODES", raising=False)
+    single = trainer_setup("npu", _cli_args())
+    assert isinstance(single["strategy"], SingleNPUStrategy)
+    assert single["strategy"].root_device == torch.device("npu", 0)
+    cpu = trainer_setup("cpu", _cli_args(devices=2))
+    assert cpu["accelerator"] == "cpu" and cpu["precision"] == 32
+    assert isinstance(cpu["strategy"], DDPStrategy) and cpu["strategy"].process_group_backend == "gloo"
+    with pytest.warns(UserWarning, match="bf16"):
+        assert trainer_setup("cpu", _cli_args(precision="16"))["precision"] == "bf16"
+    cuda = trainer_setup("cuda", _cli_args(devices=8))
+    assert cuda["accelerator"] == "gpu" and cuda["precision"] == 16
+
+
+def test_optimizer_per_device(fake_npu):
+    from bevkit.models.bevdepth.patches import make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    npu_opt = make_optimizer(params, 2e-4, 1e-7, "npu")
+    assert isinstance(npu_opt, fake_npu.NpuFusedAdamW)
+    assert ("NpuFusedAdamW", {"lr": 2e-4, "weight_decay": 1e-7}) in fake_npu.CALLS
+    cpu_opt = make_optimizer(params, 2e-4, 1e-7, "cpu")
+    assert type(cpu_opt) is torch.optim.AdamW and cpu_opt.defaults["foreach"] is True
+    assert cpu_opt.defaults["weight_decay"] == 1e-7
