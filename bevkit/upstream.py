@@ -75,7 +75,7 @@ UPSTREAMS: Dict[str, Upstream] = {
         url="https://github.com/NVlabs/FB-BEV.git",
         commit="6e25469256d98e7fcb52cc43efe812dc2fd2b446",
         tree="c428ac7bd504807dd6650242878747b25e34f638",
-        patches=(),
+        patches=("fbocc/fbocc.patch",),
         src_env="FBBEV_SRC", src_option="--fbbev-src",
     ),
     "BEVDepth": Upstream(
