@@ -79,3 +79,32 @@ def test_two_process_gloo_run_then_a_failing_run(tmp_path):
     assert failed_results["steps"] == 2  # steps 1-2 recorded; the process died in step 3
     assert Path(last[len("results: "):]).parent != run_dir
     assert _snapshot(run_dir) == before  # the first run's files are untouched
+
+
+def test_terminated_run_still_writes_results(tmp_path):
+    """SIGTERM (a scheduler's kill) reaches the ranks through the launcher; results.json says failed."""
+    import signal
+    import time
+
+    data = tmp_path / "data"
+    data.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BEVKIT_")}
+    env["BEVKIT_PYTHON"] = sys.executable
+    proc = subprocess.Popen(
+        [str(REPO_ROOT / "tools" / "launch"), "--spec", TOY, "--mode", "smoke", "--device", "cpu", "--nproc", "2",
+         "--data-root", str(data), "--work-dir", str(tmp_path / "runs"), "--", "--sleep", "0.1"],
+        cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    steps = []
+    while time.monotonic() < deadline and len(steps) < 3:  # wait until training is under way
+        time.sleep(0.2)
+        steps = list((tmp_path / "runs").glob("*/steps.jsonl"))
+        steps = steps[0].read_text().splitlines() if steps else []
+    assert len(steps) >= 3, "the toy run did not start training in time"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    last = out.rstrip().splitlines()[-1]
+    results = json.loads(Path(last[len("results: "):]).read_text())
+    assert results["status"] == "failed" and results["exit_code"] == proc.returncode
+    assert results["steps"] >= 3 and results["step_time_median_s"] > 0.09
