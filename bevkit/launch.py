@@ -539,7 +539,11 @@ def check_data(spec: ModelSpec, data_root: Path) -> Tuple[str, List[str]]:
         from bevkit.data import validate as validator  # issue-4 module; imported only when needed
     except ImportError as e:
         return f"unavailable ({e})", []
-    problems = validator.validate(spec.name, data_root)
+    try:
+        problems = validator.validate(spec.name, data_root)
+    except Exception as e:  # a validator bug must not look like bad data, nor be skipped silently
+        raise LaunchError(f"the data validator failed on {data_root}: {type(e).__name__}: {e} "
+                          "(--no-data-check skips it)") from e
     lines = []
     for p in problems:
         path, message, fix = (getattr(p, "path", ""), getattr(p, "message", str(p)), getattr(p, "fix", ""))
