@@ -494,6 +494,8 @@ def _apply(dest: Path, up: Upstream, files: List[Path], trees: List[str], st: Up
     if st.applied is not None:
         todo = files[st.applied:]
         if not todo:
+            if [f.read_bytes() for f in _applied_record(dest)] != [f.read_bytes() for f in files]:
+                _write_applied_record(dest, files)  # e.g. the patch was regenerated from this checkout
             log(f"upstream {up.name}: {len(files)} patch(es) already applied" if files
                 else f"upstream {up.name}: no kit patches to apply")
             return

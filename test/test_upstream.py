@@ -339,3 +339,19 @@ def test_real_bevdepth_checkout(bevdepth_checkout):
     st = upstream.status("BEVDepth", bevdepth_checkout)
     assert st.ok, st.problems
     assert st.commit == upstream.UPSTREAMS["BEVDepth"].commit
+
+
+def test_patch_regenerated_from_the_checkout_then_edited_again(fake):
+    """The developer loop of patches/README.md: edit the checkout, `git diff > patch`, later edit the patch."""
+    up = dataclasses.replace(fake.up, patches=("p1.patch",))
+    dest = upstream.materialize(up, src=str(fake.src), dest=fake.root / "Fake", log=quiet)
+    (dest / "a.py").write_text((dest / "a.py").read_text().replace("line 5", "line 5 edited"))
+    (fake.root / "kit" / "p1.patch").write_text(git(dest, "diff") + "\n")
+    assert upstream.status(up, dest).state == "patched"
+    upstream.materialize(up, src=str(fake.src), dest=dest, log=quiet)  # records the regenerated patch
+    patch = (fake.root / "kit" / "p1.patch").read_text()
+    (fake.root / "kit" / "p1.patch").write_text(patch.replace("+line 5 edited", "+line 5 edited twice"))
+    assert upstream.status(up, dest).state == "older"
+    upstream.materialize(up, src=str(fake.src), dest=dest, log=quiet)
+    assert "line 5 edited twice" in (dest / "a.py").read_text()
+    assert upstream.status(up, dest).state == "patched"
