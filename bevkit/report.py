@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from bevkit.results import load_results
+from bevkit.results import display_metrics, load_results
 
-#: ANCHORS.md "Reference results": FPS = global batch / mean step time.
+#: ANCHORS.md "Reference results": FPS = global batch / mean step time. Accuracy in the units of
+#: metrics.json (bevkit.results.METRIC_DISPLAY): mIoU in %, mAP / NDS as devkit fractions.
 REFERENCES: List[Dict[str, Any]] = [
     {"model": "fbocc", "source": "DrivingSDK FBOCC README", "where": "Atlas 800T A2 (NPU)", "device": "npu",
      "cards": 8, "global_batch": 32, "schedule": "80,040 iters (20 ep)", "step_ms": 1538.0, "fps": 20.80,
@@ -29,16 +30,16 @@ REFERENCES: List[Dict[str, Any]] = [
      "accuracy": {"miou": 39.1}},
     {"model": "bevdepth", "source": "DrivingSDK BEVDepth README", "where": "Atlas 800T A2 (NPU)", "device": "npu",
      "cards": 8, "global_batch": 64, "schedule": "24 epochs", "step_ms": None, "fps": 32.29,
-     "accuracy": {"map": 32.53, "nds": 43.32}},
+     "accuracy": {"map": 0.3253, "nds": 0.4332}},
     {"model": "bevdepth", "source": "DrivingSDK BEVDepth README", "where": "competitor GPU", "device": "cuda",
      "cards": 8, "global_batch": 64, "schedule": "24 epochs", "step_ms": None, "fps": 22.11,
-     "accuracy": {"map": 32.33, "nds": 43.36}},
+     "accuracy": {"map": 0.3233, "nds": 0.4336}},
     {"model": "bevdepth", "source": "Megvii BEVDepth README", "where": "8 GPUs", "device": "cuda",
      "cards": 8, "global_batch": 64, "schedule": "24 epochs", "step_ms": None, "fps": None,
-     "accuracy": {"map": 33.04, "nds": 43.55}},
+     "accuracy": {"map": 0.3304, "nds": 0.4355}},
 ]
 
-ACCURACY_KEYS = (("miou", "mIoU"), ("map", "mAP"), ("nds", "NDS"))
+ACCURACY_NAMES = ("mIoU", "mAP", "NDS")
 
 
 def _num(value: Any, digits: int = 2) -> str:
@@ -50,8 +51,8 @@ def _num(value: Any, digits: int = 2) -> str:
 
 
 def accuracy_text(metrics: Mapping[str, Any]) -> str:
-    parts = [f"{name} {_num(float(metrics[key]))}" for key, name in ACCURACY_KEYS
-             if isinstance(metrics.get(key), (int, float))]
+    """'mIoU 39.85' / 'mAP 32.53 / NDS 43.32' in the reference tables' units (%)."""
+    parts = [f"{name} {_num(value)}" for name, value in display_metrics(metrics) if name in ACCURACY_NAMES]
     return " / ".join(parts) or "-"
 
 

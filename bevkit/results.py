@@ -34,9 +34,13 @@ METRICS_FILE = "metrics.json"
 RESULTS_FILE = "results.json"
 SCHEMA_VERSION = 1
 
-#: metric key in metrics.json -> name in the Ascend-style summary
-METRIC_DISPLAY = {"miou": "mIoU", "map": "mAP", "nds": "NDS", "mate": "mATE", "mase": "mASE",
-                  "maoe": "mAOE", "mave": "mAVE", "maae": "mAAE"}
+#: metric key in metrics.json -> (display name, factor to the unit of the reference tables).
+#: Stored values keep the evaluators' own units: FB-OCC ``miou`` is a percentage (upstream's
+#: ``Overall``); BEVDepth ``map``/``nds`` are nuScenes-devkit fractions (0-1), shown as % like the
+#: READMEs; the TP errors (``mate``...) are devkit units (metres, 1-IoU, radians, m/s, 1-acc).
+METRIC_DISPLAY = {"miou": ("mIoU", 1.0), "map": ("mAP", 100.0), "nds": ("NDS", 100.0),
+                  "mate": ("mATE", 1.0), "mase": ("mASE", 1.0), "maoe": ("mAOE", 1.0),
+                  "mave": ("mAVE", 1.0), "maae": ("mAAE", 1.0)}
 #: mode -> tag in the Ascend-style case name (DrivingSDK wrote FBOCC_bs4_8p_{full,perf}.log)
 MODE_TAG = {"full": "full", "performance": "perf", "eval": "eval", "smoke": "smoke"}
 
@@ -92,9 +96,10 @@ def _jsonable(value: Any) -> Any:
 def write_metrics(metrics: Mapping[str, Any], run_dir=None) -> Optional[Path]:
     """Record accuracy metrics of this run in ``$BEVKIT_RUN_DIR/metrics.json`` (merged with earlier calls).
 
-    Keys: FB-OCC ``miou`` (0-100) and ``per_class_iou`` ({class: iou}); BEVDepth ``map``, ``nds``,
-    ``mate``, ``mase``, ``maoe``, ``mave``, ``maae``. Call it on global rank 0; on other ranks it does
-    nothing. Outside a launcher run (no BEVKIT_RUN_DIR and no run_dir) it does nothing and returns None.
+    Keys: FB-OCC ``miou`` (%) and ``per_class_iou`` ({class: %}); BEVDepth ``map``, ``nds`` (devkit
+    fractions 0-1), ``mate``, ``mase``, ``maoe``, ``mave``, ``maae`` (devkit units); see METRIC_DISPLAY.
+    Call it on global rank 0; on other ranks it does nothing. Outside a launcher run (no BEVKIT_RUN_DIR
+    and no run_dir) it does nothing and returns None.
     """
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return None
@@ -328,6 +333,16 @@ def build_results(*, records: Sequence[Mapping[str, Any]], metrics: Mapping[str,
     return _jsonable(results)
 
 
+def display_metrics(metrics: Mapping[str, Any]) -> List[Tuple[str, float]]:
+    """(name, value in the reference tables' unit) for the known scalar metrics, in a fixed order."""
+    out = []
+    for key, (name, factor) in METRIC_DISPLAY.items():
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out.append((name, float(value) * factor))
+    return out
+
+
 def case_name(results: Mapping[str, Any]) -> str:
     bs = results.get("batch_per_device")
     if bs is None and results.get("global_batch") and results.get("world_size"):
@@ -367,12 +382,10 @@ def ascend_summary(results: Mapping[str, Any]) -> Tuple[str, List[str], List[str
         ("TrainingTime", _fmt(step_ms, 2)),
         ("ActualLoss", _fmt(results.get("loss_last"), 4)),
     ]
-    metrics = results.get("metrics") or {}
     metric_lines = []
-    for key, display in METRIC_DISPLAY.items():
-        if isinstance(metrics.get(key), (int, float)):
-            kv.append((display, _fmt(float(metrics[key]), 4)))
-            metric_lines.append(f"{display} : {_fmt(float(metrics[key]), 4)}")
+    for display, value in display_metrics(results.get("metrics") or {}):
+        kv.append((display, _fmt(value, 4)))
+        metric_lines.append(f"{display} : {_fmt(value, 4)}")
     kv += [("Steps", str(results.get("steps"))), ("ExitCode", str(results.get("exit_code"))),
            ("E2ETrainingTime", e2e_str)]
     lines = [f"{k} = {v}" for k, v in kv]

@@ -92,10 +92,12 @@ def test_failed_and_eval_runs_still_produce_complete_results(tmp_path):
     assert "FPS = n/a" in log_path.read_text() and "ExitCode = 1" in log_path.read_text()
     assert printed[1] == "Final Performance images/sec : n/a"
     bev = _results(tmp_path, model="bevdepth", display_name="BEVDepth", batch_per_device=8, mode="eval",
-                   records=[], metrics={"map": 32.5, "nds": 43.3, "mate": 0.6})
+                   records=[], metrics={"map": 0.325, "nds": 0.433, "mate": 0.6})
     name, lines, printed = res.ascend_summary(bev)
     assert name == "BEVDepth_bs8_8p_eval.log"
+    # devkit fractions shown in % like the reference tables; TP errors in devkit units
     assert "mAP = 32.5000" in lines and "NDS = 43.3000" in lines and "mATE = 0.6000" in lines
+    assert "mAP : 32.5000" in printed
 
 
 def test_atomic_write_never_leaves_a_torn_file(tmp_path, monkeypatch):
