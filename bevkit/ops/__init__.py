@@ -1,0 +1,23 @@
+"""Device-dispatched ops for FB-OCC and BEVDepth: one contract per op, correct on every device.
+
+Each function takes the upstream contract (UPSTREAM.md 3.3) and runs on the backend chosen per call by
+``bevkit.ops.dispatch`` (npu -> mx_driving, cuda -> upstream/mmcv compiled kernels when importable, cpu ->
+portable PyTorch); ``force_backend(name)`` or ``BEVKIT_OPS_BACKEND={portable,npu,cuda}`` forces one.
+"""
+from __future__ import annotations
+
+from bevkit.ops.bev_pool import bev_pool_v2, compute_intervals
+from bevkit.ops.deform_attn import depth_weighted_deformable_attn, depth_weights, multi_scale_deformable_attn
+from bevkit.ops.deform_conv import deform_conv2d
+from bevkit.ops.dispatch import BACKENDS, backend_for, force_backend, forced_backend
+from bevkit.ops.focal_loss import sigmoid_focal_loss
+from bevkit.ops.grid_sample import grid_sample_3d
+from bevkit.ops.voxel_pooling import voxel_pooling_inference, voxel_pooling_train
+
+__all__ = [
+    "BACKENDS", "backend_for", "force_backend", "forced_backend",
+    "bev_pool_v2", "compute_intervals",
+    "voxel_pooling_train", "voxel_pooling_inference",
+    "multi_scale_deformable_attn", "depth_weighted_deformable_attn", "depth_weights",
+    "grid_sample_3d", "sigmoid_focal_loss", "deform_conv2d",
+]

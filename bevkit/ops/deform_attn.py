@@ -1,0 +1,299 @@
+"""Multi-scale deformable attention (mmcv contract) and FB-OCC's depth-aware variant.
+
+``multi_scale_deformable_attn``: for every batch b, query q, head h, level l and point p, bilinearly sample
+the level-l value map of head h (as [Dh, H_l, W_l]) at pixel (x * W_l - 0.5, y * H_l - 0.5) with zeros outside,
+multiply by the attention weight and sum over l and p. Output [bs, nq, nH*Dh], head-major channels.
+
+``depth_weighted_deformable_attn``: the cross-attention step of FB-OCC's ``DA_MSDeformableAttention``
+(UPSTREAM.md 1.2, item 5): the attention weights are multiplied (no renormalisation) by the probability of each
+Z anchor's depth bin, read from the predicted depth distribution bilinearly at the anchor's reference point.
+Upstream applies that weighting only when the value lives on CUDA and silently drops it elsewhere; here it is
+applied on every device.
+
+Backends:
+
+* npu: ``mx_driving.multi_scale_deformable_attn`` within its documented limits (embed_dims a multiple of 8 and
+  <= 256, num_heads <= 8, num_points*num_levels <= 64, no empty tensors): head dims are zero-padded to a multiple
+  of 8 (exact; the padding is cut off), and heads, channel blocks and points are split into calls whose outputs
+  are concatenated (heads, channels) or summed (points).
+* cuda: mmcv's compiled ``MultiScaleDeformableAttnFunction`` when importable.
+* portable: ``F.grid_sample`` per level with the weighted sum fused per level (mmcv's pure-PyTorch formulation
+  without its stacking copy); the depth weighting reads only the anchor's own depth bin (4 bilinear taps of one
+  channel instead of sampling all D channels and taking a one-hot dot product).
+
+Precision: inputs are computed in float32 (float64 stays float64), like FB-OCC's ``_fp32`` kernels and
+mx_driving's ``custom_fwd(cast_inputs=float32)``; the output is float32.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from bevkit.ops.dispatch import backend_for, log_once, mx_driving, optional_import
+
+OP = "multi_scale_deformable_attn"
+OP_DEPTH = "depth_weighted_deformable_attn"
+
+#: mx_driving.multi_scale_deformable_attn limits (DrivingSDK docs/zh/api/context/multi_scale_deformable_attn.md).
+NPU_DIM_MULTIPLE = 8
+NPU_MAX_DIM = 256
+NPU_MAX_HEADS = 8
+NPU_MAX_LEVEL_POINTS = 64
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, op=OP):
+    if value.dim() != 4:
+        raise ValueError(f"{op}: value must be [bs, num_keys, num_heads, head_dims]; got {tuple(value.shape)}")
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
+        raise ValueError(f"{op}: sampling_locations must be [bs, nq, num_heads, num_levels, num_points, 2]; "
+                         f"got {tuple(sampling_locations.shape)}")
+    bs, nq, nh, nl, npt, _ = sampling_locations.shape
+    if tuple(attention_weights.shape) != (bs, nq, nh, nl, npt):
+        raise ValueError(f"{op}: attention_weights must be {[bs, nq, nh, nl, npt]} to match sampling_locations; "
+                         f"got {list(attention_weights.shape)}")
+    if value.shape[0] != bs or value.shape[2] != nh:
+        raise ValueError(f"{op}: value {tuple(value.shape)} disagrees with sampling_locations "
+                         f"{tuple(sampling_locations.shape)} on bs or num_heads")
+    if tuple(spatial_shapes.shape) != (nl, 2) or tuple(level_start_index.shape) != (nl,):
+        raise ValueError(f"{op}: spatial_shapes must be [{nl}, 2] (H, W) and level_start_index [{nl}]; got "
+                         f"{tuple(spatial_shapes.shape)} and {tuple(level_start_index.shape)}")
+
+
+def multi_scale_deformable_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+                                sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+                                im2col_step: int = 64) -> torch.Tensor:
+    """mmcv ``MultiScaleDeformableAttnFunction`` contract.
+
+    Args:
+        value: [bs, num_keys, num_heads, head_dims], num_keys = sum of H_l * W_l.
+        spatial_shapes: [num_levels, 2] integer (H, W) per level.
+        level_start_index: [num_levels] integer offset of each level in num_keys.
+        sampling_locations: [bs, nq, num_heads, num_levels, num_points, 2] normalized (x, y) in [0, 1].
+        attention_weights: [bs, nq, num_heads, num_levels, num_points].
+        im2col_step: batch chunking of mmcv's CUDA kernel (other backends ignore it).
+
+    Returns float32 [bs, nq, num_heads * head_dims]; gradients flow to value, sampling_locations and
+    attention_weights.
+    """
+    _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    backend = backend_for(value)
+    if backend == "npu":
+        mx = mx_driving(OP)
+        if mx is not None:
+            out = _npu(mx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+            if out is not None:
+                return out
+    elif backend == "cuda":
+        mod = optional_import("mmcv.ops.multi_scale_deform_attn")
+        fn = getattr(mod, "MultiScaleDeformableAttnFunction", None)
+        if fn is not None:
+            cd = _compute_dtype(value)
+            return fn.apply(value.to(cd), spatial_shapes, level_start_index, sampling_locations.to(cd),
+                            attention_weights.to(cd), im2col_step)
+        log_once(OP, "mmcv's compiled MultiScaleDeformableAttnFunction is not importable; using the portable code")
+    return _portable(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+def _levels(spatial_shapes, level_start_index, num_keys: int, op=OP) -> List[Tuple[int, int, int]]:
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    starts = [int(s) for s in level_start_index.tolist()]
+    if sum(h * w for h, w in shapes) != num_keys:
+        raise ValueError(f"{op}: value has {num_keys} keys but spatial_shapes {shapes} cover "
+                         f"{sum(h * w for h, w in shapes)}")
+    return [(h, w, s) for (h, w), s in zip(shapes, starts)]
+
+
+def _portable(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    bs, num_keys, nh, dh = value.shape
+    _, nq, _, nl, npt, _ = sampling_locations.shape
+    cd = _compute_dtype(value, sampling_locations, attention_weights)
+    levels = _levels(spatial_shapes, level_start_index, num_keys)
+    if bs * nq * nh * dh == 0:
+        return value.new_zeros(bs, nq, nh * dh, dtype=cd)
+    # [bs*nh, dh, keys]: one copy of value into grid_sample's channel-first layout.
+    v = value.to(cd).permute(0, 2, 3, 1).reshape(bs * nh, dh, num_keys)
+    # grid in [-1, 1] with align_corners=False is exactly the pixel (x*W - 0.5, y*H - 0.5) of the kernel.
+    grids = (sampling_locations.to(cd).permute(0, 2, 1, 3, 4, 5) * 2 - 1).contiguous()
+    weights = attention_weights.to(cd).permute(0, 2, 1, 3, 4)
+    out = None
+    for lvl, (h, w, start) in enumerate(levels):
+        v_l = v[:, :, start:start + h * w].reshape(bs * nh, dh, h, w)
+        g_l = grids[:, :, :, lvl].reshape(bs * nh, nq, npt, 2)
+        sampled = F.grid_sample(v_l, g_l, mode="bilinear", padding_mode="zeros", align_corners=False)
+        o_l = (sampled * weights[:, :, :, lvl].reshape(bs * nh, 1, nq, npt)).sum(-1)  # [bs*nh, dh, nq]
+        out = o_l if out is None else out + o_l
+    return out.view(bs, nh * dh, nq).transpose(1, 2).contiguous()
+
+
+def _npu(mx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    bs, num_keys, nh, dh = value.shape
+    _, nq, _, nl, npt, _ = sampling_locations.shape
+    if value.numel() == 0 or attention_weights.numel() == 0 or spatial_shapes.numel() == 0:
+        log_once(OP, "empty input: mx_driving.multi_scale_deformable_attn rejects empty tensors; using the "
+                     "portable code")
+        return None
+    if nl > NPU_MAX_LEVEL_POINTS:
+        log_once(OP, f"{nl} levels exceed multi_scale_deformable_attn's num_points*num_levels <= 64; using the "
+                     "portable code")
+        return None
+    dtype = value.dtype if value.dtype in (torch.float32, torch.float16) else torch.float32
+    value = value.to(dtype)
+    sampling_locations = sampling_locations.to(dtype)
+    attention_weights = attention_weights.to(dtype)
+    dp = int(math.ceil(dh / NPU_DIM_MULTIPLE) * NPU_DIM_MULTIPLE)
+    if dp != dh:
+        log_once(OP, f"multi_scale_deformable_attn needs head dims % 8 == 0: zero-padding {dh} to {dp} "
+                     "(exact; the padding is cut off)")
+        value = F.pad(value, (0, dp - dh))
+    hstep = min(nh, NPU_MAX_HEADS)
+    pstep = min(npt, NPU_MAX_LEVEL_POINTS // nl)
+    cstep = min(dp, NPU_MAX_DIM)
+    if (hstep, pstep, cstep) != (nh, npt, dp):
+        log_once(OP, f"num_heads={nh}, num_levels*num_points={nl * npt}, head dims={dp} exceed "
+                     "multi_scale_deformable_attn's limits (heads <= 8, levels*points <= 64, dims <= 256): "
+                     f"splitting into calls of {hstep} heads, {pstep} points, {cstep} dims")
+    shapes = spatial_shapes.contiguous()
+    starts = level_start_index.contiguous()
+    heads = []
+    for h0 in range(0, nh, hstep):
+        h1 = min(nh, h0 + hstep)
+        blocks = []
+        for c0 in range(0, dp, cstep):
+            v = value[:, :, h0:h1, c0:c0 + cstep].contiguous()
+            acc = None
+            for p0 in range(0, npt, pstep):
+                loc = sampling_locations[:, :, h0:h1, :, p0:p0 + pstep].contiguous()
+                att = attention_weights[:, :, h0:h1, :, p0:p0 + pstep].contiguous()
+                part = mx.multi_scale_deformable_attn(v, shapes, starts, loc, att)
+                acc = part if acc is None else acc + part
+            blocks.append(acc.view(bs, nq, h1 - h0, -1))
+        heads.append(blocks[0] if len(blocks) == 1 else torch.cat(blocks, -1))
+    out = heads[0] if len(heads) == 1 else torch.cat(heads, 2)  # [bs, nq, nh, dp]
+    if dp != dh:
+        out = out[..., :dh]
+    return out.reshape(bs, nq, nh * dh)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# FB-OCC depth-aware cross attention
+
+
+def _bin_index(depth_bins: torch.Tensor, nz: int, op=OP_DEPTH):
+    """(bin index [bs,nq,Z] int64, scale [bs,nq,Z] or None) for integer bins / one-hot; None for soft weights."""
+    if depth_bins.dtype.is_floating_point:
+        return None
+    if depth_bins.dim() == 3:
+        return depth_bins.long(), None
+    # F.one_hot output: the bin is the argmax; an all-zero row (no bin) gives weight 0, as the dot product would.
+    return depth_bins.argmax(-1), depth_bins.amax(-1)
+
+
+def depth_weights(depth_prob: torch.Tensor, spatial_shape: Sequence[int], reference_points: torch.Tensor,
+                  depth_bins: torch.Tensor) -> torch.Tensor:
+    """Depth weight of every Z anchor: p(anchor's depth bin) at the anchor's reference point; [bs, nq, Z].
+
+    depth_prob [bs, H*W, D] is sampled bilinearly (zeros outside, pixel = (x*W - 0.5, y*H - 0.5)) at
+    reference_points [bs, nq, Z, 2] and dotted with the anchor's bin: depth_bins is [bs, nq, Z] integer bin
+    indices, [bs, nq, Z, D] integer one-hot (upstream's ``bev_query_depth``), or [bs, nq, Z, D] float weights.
+    ``spatial_shape`` = (H, W) of the depth map (level 0 of the attention's value).
+    """
+    bs, hw, nd = depth_prob.shape
+    h, w = (int(s) for s in spatial_shape)
+    if h * w != hw:
+        raise ValueError(f"{OP_DEPTH}: depth_prob has {hw} pixels but spatial shape {(h, w)} has {h * w}")
+    if reference_points.dim() != 4 or reference_points.shape[0] != bs or reference_points.shape[-1] != 2:
+        raise ValueError(f"{OP_DEPTH}: reference_points must be [bs={bs}, nq, Z, 2]; got "
+                         f"{tuple(reference_points.shape)}")
+    nq, nz = reference_points.shape[1:3]
+    if tuple(depth_bins.shape[:3]) != (bs, nq, nz) or depth_bins.dim() not in (3, 4) or \
+            (depth_bins.dim() == 4 and depth_bins.shape[3] != nd):
+        raise ValueError(f"{OP_DEPTH}: depth_bins must be [bs, nq, Z] bin indices or [bs, nq, Z, D={nd}] one-hot/"
+                         f"weights matching reference_points {tuple(reference_points.shape)}; got "
+                         f"{tuple(depth_bins.shape)}")
+    backend = backend_for(depth_prob)
+    binned = _bin_index(depth_bins, nz)
+    if backend == "portable" and binned is not None:
+        return _depth_weights_gather(depth_prob, h, w, reference_points, *binned)
+    # Kernel backends (and soft weights): sample the whole depth distribution at the reference points like
+    # upstream does (one head, one level, one point with weight 1), then take the dot product with the bins.
+    cd = _compute_dtype(depth_prob, reference_points)
+    shapes = torch.tensor([[h, w]], dtype=torch.int64, device=depth_prob.device)
+    starts = torch.zeros(1, dtype=torch.int64, device=depth_prob.device)
+    loc = reference_points.to(cd).reshape(bs, nq * nz, 1, 1, 1, 2)
+    sampled = multi_scale_deformable_attn(depth_prob.to(cd).unsqueeze(2), shapes, starts, loc,
+                                          loc.new_ones(bs, nq * nz, 1, 1, 1)).view(bs, nq, nz, nd)
+    if binned is None:
+        return (sampled * depth_bins.to(sampled.dtype)).sum(-1)
+    idx, scale = binned
+    out = sampled.gather(-1, idx.clamp(0, nd - 1).unsqueeze(-1)).squeeze(-1)
+    return out if scale is None else out * scale.to(out.dtype)
+
+
+def _depth_weights_gather(depth_prob, h, w, reference_points, idx, scale):
+    bs, hw, nd = depth_prob.shape
+    cd = _compute_dtype(depth_prob, reference_points)
+    flat = depth_prob.to(cd).reshape(-1)
+    x = reference_points[..., 0].to(cd) * w - 0.5
+    y = reference_points[..., 1].to(cd) * h - 0.5
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = x - x0, y - y0
+    x0, y0 = x0.long(), y0.long()
+    idx = idx.clamp(0, nd - 1)
+    base = torch.arange(bs, device=flat.device).view(bs, 1, 1) * hw
+    out = None
+    for dy, wy in ((0, 1 - fy), (1, fy)):
+        for dx, wx in ((0, 1 - fx), (1, fx)):
+            xx, yy = x0 + dx, y0 + dy
+            inside = (xx >= 0) & (xx < w) & (yy >= 0) & (yy < h)
+            pix = base + yy.clamp(0, h - 1) * w + xx.clamp(0, w - 1)
+            tap = flat[pix * nd + idx] * (wx * wy * inside)
+            out = tap if out is None else out + tap
+    return out if scale is None else out * scale.to(cd)
+
+
+def depth_weighted_deformable_attn(value: torch.Tensor, spatial_shapes: torch.Tensor,
+                                   level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
+                                   attention_weights: torch.Tensor, depth_prob: torch.Tensor,
+                                   reference_points: torch.Tensor, depth_bins: torch.Tensor,
+                                   im2col_step: int = 64) -> torch.Tensor:
+    """FB-OCC ``DA_MSDeformableAttention`` attention step, with the depth weighting on every device.
+
+    Args (shapes as inside ``DA_MSDeformableAttention.forward``; bs = B * num_cams, nq = max_len):
+        value: [bs, num_keys, num_heads, head_dims] projected image context (``value`` after value_proj/view).
+        spatial_shapes: [num_levels, 2] (H, W); level 0 must be the depth map's resolution.
+        level_start_index: [num_levels].
+        sampling_locations: [bs, nq, num_heads, num_levels, P, 2], P = num_Z_anchors * points_per_anchor,
+            ordered point-within-anchor major, anchor minor (sampling point j belongs to anchor j % Z), as
+            upstream builds them from ``reference_points[:, :, None, None, None, :, :] + offsets``.
+        attention_weights: [bs, nq, num_heads, num_levels, P], already softmax-normalised.
+        depth_prob: [bs, H0*W0, D] predicted depth distribution (upstream ``pred_img_depth``).
+        reference_points: [bs, nq, Z, 2] normalised (x, y) image reference point of every Z anchor.
+        depth_bins: the anchor's depth bin: [bs, nq, Z] integer bin indices, or upstream's
+            ``bev_query_depth`` one-hot [bs, nq, Z, D] (integer; float values are used as soft weights).
+        im2col_step: forwarded to mmcv's CUDA kernel.
+
+    Computes w[b, q, z] = depth_weights(depth_prob, spatial_shapes[0], reference_points, depth_bins), multiplies
+    attention_weights[b, q, h, l, j] by w[b, q, j % Z] (no renormalisation) and returns
+    ``multi_scale_deformable_attn(value, ..., sampling_locations, weighted)``: float32 [bs, nq, num_heads*head_dims].
+    Gradients flow to value, sampling_locations, attention_weights, depth_prob (and reference_points).
+    """
+    _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, OP_DEPTH)
+    bs, nq, nh, nl, npt, _ = sampling_locations.shape
+    nz = reference_points.shape[2] if reference_points.dim() == 4 else -1
+    if nz <= 0 or npt % nz or tuple(reference_points.shape[:2]) != (bs, nq):
+        raise ValueError(f"{OP_DEPTH}: reference_points must be [bs={bs}, nq={nq}, Z, 2] with Z dividing the "
+                         f"{npt} sampling points; got {tuple(reference_points.shape)}")
+    hw0 = [int(v) for v in spatial_shapes[0].tolist()]  # one tiny host copy on device tensors
+    w = depth_weights(depth_prob, hw0, reference_points, depth_bins)  # [bs, nq, Z]
+    w = w.unsqueeze(2).expand(bs, nq, npt // nz, nz).reshape(bs, nq, 1, 1, npt)
+    weighted = attention_weights.to(w.dtype) * w
+    return multi_scale_deformable_attn(value, spatial_shapes, level_start_index, sampling_locations, weighted,
+                                       im2col_step)
+

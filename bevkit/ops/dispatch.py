@@ -1,0 +1,123 @@
+"""The one place that decides which backend runs an op.
+
+Backend for a call = the forced backend (``force_backend(name)`` block, else env ``BEVKIT_OPS_BACKEND``)
+or, when nothing is forced, the device of the op's main input tensor (``bevkit.device.device_type``):
+
+* ``'npu'``  -> ``'npu'``: the mx_driving kernels (imported lazily), called within their documented limits;
+* ``'cuda'`` -> ``'cuda'``: the upstream / mmcv compiled kernels when importable, else the portable code;
+* ``'cpu'``  -> ``'portable'``: our own PyTorch implementations.
+
+Each op module asks :func:`backend_for` and falls back to ``'portable'`` itself (logging once, via
+:func:`log_once`) when its backend cannot run a call: a missing library, or a documented kernel limit that
+splitting cannot satisfy.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import sys
+import threading
+from typing import Iterator, Optional
+
+from bevkit.device import device_type
+
+BACKENDS = ("portable", "npu", "cuda")
+ENV = "BEVKIT_OPS_BACKEND"
+
+logger = logging.getLogger("bevkit.ops")
+
+_state = threading.local()
+_logged: set = set()
+_import_failed: dict = {}
+
+
+def _check(name: str, origin: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{origin}={name!r} is not an ops backend; use one of {', '.join(BACKENDS)}")
+    return name
+
+
+def forced_backend() -> Optional[str]:
+    """The backend forced by :func:`force_backend` or ``BEVKIT_OPS_BACKEND``, or None."""
+    forced = getattr(_state, "forced", None)
+    if forced:
+        return forced
+    env = os.environ.get(ENV, "").strip()
+    return _check(env, ENV) if env else None
+
+
+@contextlib.contextmanager
+def force_backend(name: Optional[str]) -> Iterator[None]:
+    """Run every bevkit op inside the block on backend ``name`` ('portable', 'npu', 'cuda'; None = automatic)."""
+    if name is not None:
+        _check(name, "force_backend")
+    previous = getattr(_state, "forced", None)
+    _state.forced = name
+    try:
+        yield
+    finally:
+        _state.forced = previous
+
+
+def backend_for(tensor) -> str:
+    """'portable', 'npu' or 'cuda' for an op whose main input is ``tensor``."""
+    forced = forced_backend()
+    if forced:
+        return forced
+    kind = device_type(tensor)
+    if kind in ("npu", "cuda"):
+        return kind
+    return "portable"
+
+
+def log_once(op: str, reason: str, level: int = logging.WARNING) -> None:
+    """Log ``op: reason`` the first time this (op, reason) pair happens in the process."""
+    key = (op, reason)
+    if key in _logged:
+        return
+    _logged.add(key)
+    logger.log(level, "bevkit.ops.%s: %s", op, reason)
+
+
+def reset_log_once() -> None:
+    """Forget which messages were logged (tests)."""
+    _logged.clear()
+
+
+def optional_import(module: str):
+    """Import ``module`` or return None; a failed import is remembered (unless a test installs it later)."""
+    if module in sys.modules and sys.modules[module] is not None:
+        return sys.modules[module]
+    if module in _import_failed:
+        return None
+    try:
+        return importlib.import_module(module)
+    except Exception as exc:  # ImportError, or a compiled extension failing to load
+        _import_failed[module] = f"{type(exc).__name__}: {exc}"
+        return None
+
+
+def import_failure(module: str) -> str:
+    return _import_failed.get(module, "not importable")
+
+
+def mx_driving(op: str):
+    """The mx_driving module, or None (logged once) when it does not import.
+
+    When the npu backend was forced explicitly and mx_driving is missing, that is a configuration error.
+    """
+    mod = optional_import("mx_driving")
+    if mod is None:
+        if forced_backend() == "npu":
+            raise RuntimeError(
+                f"bevkit.ops.{op}: the npu backend is forced ({ENV}/force_backend) but mx_driving does not import "
+                f"({import_failure('mx_driving')}); install DrivingSDK (mx_driving) or unset {ENV}")
+        log_once(op, f"mx_driving is not importable ({import_failure('mx_driving')}); using the portable code")
+    return mod
+
+
+def real_device(tensor) -> str:
+    """The tensor's actual device type, ignoring device emulation (mmcv kernels need real NPU/CUDA memory)."""
+    return tensor.device.type

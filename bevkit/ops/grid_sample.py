@@ -1,0 +1,80 @@
+"""5-D trilinear grid sampling (FB-OCC history fusion; ``F.grid_sample`` contract).
+
+Backends:
+
+* npu: ``mx_driving.grid_sampler3d_v1`` (positional ``(input, grid, 'bilinear', 'zeros', True)``) within its
+  documented limits: float32, bilinear / zeros / align_corners=True only, C <= 128 and a multiple of 4, element
+  counts within int32, no empty tensors. Channels are zero-padded to a multiple of 4 and split into chunks of
+  <= 128 (FB-OCC samples 16 x 80 = 1280 history channels); other modes run the portable code. The kernel also
+  rejects inf/NaN, which is not checked here (that would cost a device sync per call).
+* cuda / portable: ``torch.nn.functional.grid_sample`` (native on CPU and CUDA).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from bevkit.ops.dispatch import backend_for, log_once, mx_driving
+
+OP = "grid_sample_3d"
+
+NPU_MAX_C = 128
+NPU_C_MULTIPLE = 4
+NPU_MAX_ELEMENTS = 2 ** 31 - 1
+
+
+def grid_sample_3d(input: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros",
+                   align_corners: bool = True) -> torch.Tensor:
+    """Sample input [N, C, D, H, W] at grid [N, Do, Ho, Wo, 3] ((x, y, z) -> (W, H, D), in [-1, 1]).
+
+    Same semantics as ``F.grid_sample`` for 5-D inputs ('bilinear' is trilinear); returns [N, C, Do, Ho, Wo] in
+    the input's dtype. Gradients flow to input and grid. The grid is cast to the input's dtype.
+    """
+    if input.dim() != 5 or grid.dim() != 5 or grid.shape[-1] != 3 or grid.shape[0] != input.shape[0]:
+        raise ValueError(f"{OP}: input must be [N, C, D, H, W] and grid [N, Do, Ho, Wo, 3] with the same N; got "
+                         f"{tuple(input.shape)} and {tuple(grid.shape)}")
+    if backend_for(input) == "npu":
+        mx = mx_driving(OP)
+        if mx is not None:
+            out = _npu(mx, input, grid, mode, padding_mode, align_corners)
+            if out is not None:
+                return out
+    return F.grid_sample(input, grid.to(input.dtype), mode=mode, padding_mode=padding_mode,
+                         align_corners=align_corners)
+
+
+def _npu(mx, input, grid, mode, padding_mode, align_corners):
+    if (mode, padding_mode, bool(align_corners)) != ("bilinear", "zeros", True):
+        log_once(OP, f"grid_sampler3d_v1 supports only bilinear/zeros/align_corners=True, not {mode}/{padding_mode}/"
+                     f"align_corners={align_corners}; using the portable code")
+        return None
+    if input.numel() == 0 or grid.numel() == 0:
+        log_once(OP, "empty input: grid_sampler3d_v1 rejects empty tensors; using the portable code")
+        return None
+    n, c, d, h, w = input.shape
+    _, do, ho, wo, _ = grid.shape
+    spatial = max(d * h * w, do * ho * wo)
+    cmax = min(NPU_MAX_C, NPU_MAX_ELEMENTS // (n * spatial) // NPU_C_MULTIPLE * NPU_C_MULTIPLE)
+    if cmax < NPU_C_MULTIPLE or grid.numel() > NPU_MAX_ELEMENTS:
+        log_once(OP, f"input {tuple(input.shape)} / grid {tuple(grid.shape)} exceed grid_sampler3d_v1's int32 "
+                     "element limits even with 4 channels per call; using the portable code")
+        return None
+    dtype = input.dtype
+    if dtype != torch.float32:
+        log_once(OP, f"grid_sampler3d_v1 takes float32, not {dtype}: computing in float32")
+    x = input.float()
+    g = grid.float().contiguous()
+    cp = int(math.ceil(c / NPU_C_MULTIPLE) * NPU_C_MULTIPLE)
+    if cp != c:
+        log_once(OP, f"grid_sampler3d_v1 needs C % 4 == 0: zero-padding C={c} to {cp} (exact; padding is cut off)")
+        x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, cp - c))
+    if cp > cmax:
+        log_once(OP, f"grid_sampler3d_v1 takes at most {cmax} channels: splitting C={cp} into chunks of {cmax}")
+    outs = [mx.grid_sampler3d_v1(x[:, s:s + cmax].contiguous(), g, "bilinear", "zeros", True)
+            for s in range(0, cp, cmax)]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+    if cp != c:
+        out = out[:, :c]
+    return out.to(dtype)

@@ -1,0 +1,594 @@
+"""Portable bevkit.ops against independent, obviously-correct references (loops / dense one-hot math, float64)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bevkit.ops as ops
+from bevkit.ops import _scatter, bev_pool as bev_pool_mod, dispatch
+from bevkit.ops import voxel_pooling as vp_mod
+
+D64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _portable():
+    with ops.force_backend("portable"):
+        yield
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------------- bev_pool_v2
+
+
+def bev_pool_reference(depth, feat, rd, rf, rb, shape):
+    """Dense one-hot math: out = onehot(rb)^T @ ((onehot(rd) @ depth) * (onehot(rf) @ feat))."""
+    b, z, y, x, c = shape
+    p = rb.numel()
+    sd = F.one_hot(rd.long(), depth.numel()).to(D64) if p else torch.zeros(0, depth.numel(), dtype=D64)
+    sf = F.one_hot(rf.long(), feat.numel() // c).to(D64) if p else torch.zeros(0, feat.numel() // c, dtype=D64)
+    sb = F.one_hot(rb.long(), b * z * y * x).to(D64) if p else torch.zeros(0, b * z * y * x, dtype=D64)
+    per_point = (sd @ depth.reshape(-1)).unsqueeze(1) * (sf @ feat.reshape(-1, c))
+    return (sb.t() @ per_point).view(b, z, y, x, c).permute(0, 4, 1, 2, 3)
+
+
+def random_bev_case(seed, b=2, n=2, d=3, h=2, w=3, c=5, grid=(2, 3, 4), p=40, sort=True, unique_depth=True):
+    g = _gen(seed)
+    z, y, x = grid
+    depth = torch.rand(b, n, d, h, w, generator=g, dtype=D64)
+    feat = torch.randn(b, n, h, w, c, generator=g, dtype=D64)
+    if unique_depth:
+        rd = torch.randperm(depth.numel(), generator=g)[:p]
+    else:
+        rd = torch.randint(0, depth.numel(), (p,), generator=g)
+    rf = torch.randint(0, b * n * h * w, (p,), generator=g)
+    rb = torch.randint(0, b * z * y * x, (p,), generator=g)
+    if p:
+        rb[: p // 2] = rb[0]  # many points in one cell
+    if sort:
+        order = torch.argsort(rb, stable=True)
+        rd, rf, rb = rd[order], rf[order], rb[order]
+    return depth, feat, rd.int(), rf.int(), rb.int(), (b, z, y, x, c)
+
+
+def test_bev_pool_v2_upstream_vector():
+    """UPSTREAM.md 3.3 test vector: sum 4.4 and the exact gradients."""
+    depth = torch.tensor([0.3, 0.4, 0.2, 0.1, 0.7, 0.6, 0.8, 0.9]).view(1, 1, 2, 2, 2).requires_grad_()
+    feat = torch.ones(1, 1, 2, 2, 2, requires_grad=True)
+    rd = torch.tensor([0, 4, 1, 6], dtype=torch.int32)
+    rf = torch.tensor([0, 0, 1, 2], dtype=torch.int32)
+    rb = torch.tensor([0, 0, 1, 1], dtype=torch.int32)
+    starts, lengths = ops.compute_intervals(rb)
+    assert starts.tolist() == [0, 2] and lengths.tolist() == [2, 2]
+    out = ops.bev_pool_v2(depth, feat, rd, rf, rb, (1, 1, 2, 2, 2), starts, lengths)
+    assert out.shape == (1, 2, 1, 2, 2) and out.dtype == torch.float32
+    assert out.sum().item() == pytest.approx(4.4, abs=1e-6)
+    out.sum().backward()
+    assert torch.allclose(depth.grad.view(-1), torch.tensor([2., 2, 0, 0, 2, 0, 2, 0]))
+    assert torch.allclose(feat.grad.view(-1), torch.tensor([1., 1, 0.4, 0.4, 0.8, 0.8, 0, 0]))
+
+
+@pytest.mark.parametrize("strategy", ["csr", "chunked"])
+@pytest.mark.parametrize("case", [
+    dict(seed=0),
+    dict(seed=1, c=1, b=1, p=30),
+    dict(seed=2, p=1),  # a single point
+    dict(seed=3, p=0),  # empty point set
+    dict(seed=4, sort=False),  # unsorted ranks (bev_pool_v3 contract)
+    dict(seed=5, unique_depth=False, c=13),  # repeated depth index, C not a multiple of 8
+])
+def test_bev_pool_v2_matches_reference(case, strategy, monkeypatch):
+    if strategy == "chunked":
+        monkeypatch.setattr(bev_pool_mod, "csr_supported", lambda t: False)
+        monkeypatch.setattr(_scatter, "CHUNK_ELEMENTS", 16)  # several chunks even on tiny inputs
+    depth, feat, rd, rf, rb, shape = random_bev_case(**case)
+    depth.requires_grad_(), feat.requires_grad_()
+    intervals = ops.compute_intervals(rb) if case.get("sort", True) else (None, None)
+    out = ops.bev_pool_v2(depth, feat, rd, rf, rb, shape, *intervals)
+    ref = bev_pool_reference(depth, feat, rd, rf, rb, shape)
+    assert out.shape == ref.shape and out.is_contiguous()
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn(ref.shape, generator=_gen(9), dtype=D64)
+    got = torch.autograd.grad(out, (depth, feat), grad, allow_unused=True)
+    want = torch.autograd.grad(ref, (depth, feat), grad, allow_unused=True)
+    for g_got, g_want, t in zip(got, want, (depth, feat)):
+        g_got = torch.zeros_like(t) if g_got is None else g_got
+        g_want = torch.zeros_like(t) if g_want is None else g_want
+        torch.testing.assert_close(g_got, g_want)
+
+
+def test_bev_pool_v2_half_inputs_are_computed_in_float32():
+    depth, feat, rd, rf, rb, shape = random_bev_case(6)
+    out = ops.bev_pool_v2(depth.half(), feat.half(), rd, rf, rb, shape)
+    assert out.dtype == torch.float32
+    ref = bev_pool_reference(depth.half().double(), feat.half().double(), rd, rf, rb, shape)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["csr", "chunked"])
+def test_bev_pool_v2_gradcheck(strategy, monkeypatch):
+    if strategy == "chunked":
+        monkeypatch.setattr(bev_pool_mod, "csr_supported", lambda t: False)
+    depth, feat, rd, rf, rb, shape = random_bev_case(7, b=1, n=1, d=2, h=2, w=2, c=3, grid=(1, 2, 2), p=6,
+                                                     unique_depth=False)
+    assert torch.autograd.gradcheck(lambda d_, f_: ops.bev_pool_v2(d_, f_, rd, rf, rb, shape),
+                                    (depth.requires_grad_(), feat.requires_grad_()))
+
+
+def test_bev_pool_v2_is_deterministic():
+    depth, feat, rd, rf, rb, shape = random_bev_case(8, c=16, p=400, grid=(2, 4, 4), unique_depth=False)
+    depth, feat = depth.float().requires_grad_(), feat.float().requires_grad_()
+    runs = []
+    for _ in range(3):
+        out = ops.bev_pool_v2(depth, feat, rd, rf, rb, shape)
+        gd, gf = torch.autograd.grad((out * out).sum(), (depth, feat))
+        runs.append((out, gd, gf))
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+def test_bev_pool_v2_rejects_bad_input():
+    depth, feat, rd, rf, rb, shape = random_bev_case(0)
+    with pytest.raises(ValueError, match="bev_feat_shape C"):
+        ops.bev_pool_v2(depth, feat, rd, rf, rb, shape[:4] + (shape[4] + 1,))
+    with pytest.raises(ValueError, match="ranks_feat"):
+        ops.bev_pool_v2(depth, feat, rd, rf[:-1], rb, shape)
+    with pytest.raises(ValueError, match="both interval"):
+        ops.bev_pool_v2(depth, feat, rd, rf, rb, shape, interval_starts=rb)
+
+
+# ----------------------------------------------------------------------------------------------- voxel pooling
+
+
+def voxel_reference(geom, feats, voxel_num):
+    """Python loop over points (float64); floating geom is truncated toward zero like upstream `.int()`."""
+    nx, ny, nz = voxel_num
+    b = geom.shape[0]
+    c = feats.shape[-1]
+    geom = geom.reshape(b, -1, 3)
+    feats = feats.reshape(b, -1, c)
+    select = torch.zeros(b, ny * nx, geom.shape[1], dtype=D64)
+    for bi in range(b):
+        for j, (x, y, z) in enumerate(geom[bi].tolist()):
+            x, y, z = int(x), int(y), int(z)  # Python int() truncates toward zero
+            if 0 <= x < nx and 0 <= y < ny and 0 <= z < nz:
+                select[bi, y * nx + x, j] = 1.0
+    return (select @ feats.to(D64)).view(b, ny, nx, c).permute(0, 3, 1, 2)
+
+
+def random_voxel_case(seed, b=2, n=30, c=5, voxel_num=(4, 3, 2), dtype=D64):
+    g = _gen(seed)
+    nx, ny, nz = voxel_num
+    lo = torch.tensor([-2, -2, -1])
+    hi = torch.tensor([nx + 2, ny + 2, nz + 1])
+    geom = (lo + torch.rand(b, n, 3, generator=g) * (hi - lo)).floor().int()
+    if n:
+        geom[:, : n // 3] = geom[:, :1]  # duplicate voxel indices
+    feats = torch.randn(b, n, c, generator=g, dtype=D64).to(dtype)
+    return geom, feats
+
+
+@pytest.mark.parametrize("case", [
+    dict(seed=0),
+    dict(seed=1, b=1, n=1, c=3),  # a single point
+    dict(seed=2, n=0),  # empty point set
+    dict(seed=3, c=13, voxel_num=(5, 1, 1)),  # C not a multiple of 8, one row
+])
+def test_voxel_pooling_train_matches_reference(case):
+    geom, feats = random_voxel_case(**case)
+    feats.requires_grad_()
+    out = ops.voxel_pooling_train(geom, feats, case.get("voxel_num", (4, 3, 2)))
+    ref = voxel_reference(geom, feats, case.get("voxel_num", (4, 3, 2)))
+    assert out.shape == ref.shape and out.dtype == feats.dtype
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn(ref.shape, generator=_gen(1), dtype=D64)
+    got, = torch.autograd.grad(out, feats, grad)
+    want, = torch.autograd.grad(ref, feats, grad)
+    torch.testing.assert_close(got, want)
+
+
+def test_voxel_pooling_train_all_points_out_of_range():
+    geom = torch.tensor([[[-1, 0, 0], [0, -1, 0], [4, 0, 0], [0, 3, 0], [0, 0, 2], [0, 0, -1]]], dtype=torch.int32)
+    feats = torch.ones(1, 6, 3, dtype=D64, requires_grad=True)
+    out = ops.voxel_pooling_train(geom, feats, torch.tensor([4, 3, 2]))
+    assert out.shape == (1, 3, 3, 4) and not out.any()
+    out.sum().backward()
+    assert not feats.grad.any()
+
+
+def test_voxel_pooling_train_truncates_toward_zero():
+    """Float coordinates in (-1, 0) land in cell 0 (upstream `.int()`); -1.0 and below are dropped."""
+    geom = torch.tensor([[[-0.5, 0.2, 0.0], [-1.0, 0.0, 0.0], [1.9, -0.99, 0.5], [3.99, 2.5, 1.7],
+                          [4.0, 0.0, 0.0], [0.0, 0.0, -0.3]]], dtype=D64)
+    feats = torch.arange(1.0, 7.0, dtype=D64).view(1, 6, 1)
+    out = ops.voxel_pooling_train(geom, feats, (4, 3, 2))
+    ref = voxel_reference(geom, feats, (4, 3, 2))
+    torch.testing.assert_close(out, ref)
+    assert out[0, 0, 0, 0] == 1 + 6 and out[0, 0, 0, 1] == 3 and out[0, 0, 2, 3] == 4 and out.sum() == 14
+
+
+def test_voxel_pooling_train_leading_dims_and_half():
+    geom, feats = random_voxel_case(5, b=2, n=24, c=8)
+    geom6 = geom.view(2, 2, 3, 2, 2, 3)
+    feats6 = feats.view(2, 2, 3, 2, 2, 8)
+    out = ops.voxel_pooling_train(geom6, feats6.half(), (4, 3, 2))
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.double(), voxel_reference(geom, feats.half().double(), (4, 3, 2)),
+                               rtol=2e-3, atol=2e-3)
+
+
+def test_voxel_pooling_train_gradcheck():
+    geom, feats = random_voxel_case(6, b=2, n=8, c=2)
+    assert torch.autograd.gradcheck(lambda f: ops.voxel_pooling_train(geom, f, (4, 3, 2)),
+                                    (feats.requires_grad_(),))
+
+
+def inference_case(seed, b=2, ncam=2, d=3, h=2, w=3, c=4, voxel_num=(4, 3, 2)):
+    g = _gen(seed)
+    geom, _ = random_voxel_case(seed, b=b, n=ncam * d * h * w, c=1, voxel_num=voxel_num)
+    geom = geom.view(b, ncam, d, h, w, 3)
+    depth = torch.rand(b * ncam, d, h, w, generator=g, dtype=D64)
+    context = torch.randn(b * ncam, c, h, w, generator=g, dtype=D64)
+    return geom, depth, context
+
+
+def inference_reference(geom, depth, context, voxel_num):
+    b, ncam, d, h, w, _ = geom.shape
+    c = context.shape[1]
+    outer = depth.view(b, ncam, d, 1, h, w) * context.view(b, ncam, 1, c, h, w)
+    return voxel_reference(geom, outer.permute(0, 1, 2, 4, 5, 3), voxel_num)
+
+
+@pytest.mark.parametrize("strategy", ["csr", "chunked"])
+def test_voxel_pooling_inference_matches_training_pooling_of_outer_product(strategy, monkeypatch):
+    if strategy == "chunked":
+        monkeypatch.setattr(vp_mod, "csr_supported", lambda t: False)
+    geom, depth, context = inference_case(0)
+    out = ops.voxel_pooling_inference(geom, depth, context, (4, 3, 2))
+    torch.testing.assert_close(out, inference_reference(geom, depth, context, (4, 3, 2)))
+    assert torch.autograd.gradcheck(lambda d_, c_: ops.voxel_pooling_inference(geom, d_, c_, (4, 3, 2)),
+                                    (depth.requires_grad_(), context.requires_grad_()))
+
+
+def test_voxel_pooling_inference_half_and_shape_errors():
+    geom, depth, context = inference_case(1, c=3)
+    out = ops.voxel_pooling_inference(geom, depth.half(), context.half(), [4, 3, 2])
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.double(), inference_reference(geom, depth.half().double(),
+                                                                 context.half().double(), (4, 3, 2)),
+                               rtol=2e-3, atol=2e-3)
+    with pytest.raises(ValueError, match="expected depth"):
+        ops.voxel_pooling_inference(geom, depth[:1], context, (4, 3, 2))
+
+
+# ------------------------------------------------------------------------------------ deformable attention (MSDA)
+
+
+def bilinear_reference(img, x, y):
+    """img [C, H, W]; sample pixel (x, y) bilinearly, zero outside (loops over the 4 taps)."""
+    _, h, w = img.shape
+    x0, y0 = math.floor(x), math.floor(y)
+    out = torch.zeros(img.shape[0], dtype=D64)
+    for yy, wy in ((y0, 1 - (y - y0)), (y0 + 1, y - y0)):
+        for xx, wx in ((x0, 1 - (x - x0)), (x0 + 1, x - x0)):
+            if 0 <= xx < w and 0 <= yy < h:
+                out = out + img[:, yy, xx] * (wx * wy)
+    return out
+
+
+def msda_reference(value, shapes, starts, loc, attn):
+    bs, _, nh, dh = value.shape
+    _, nq, _, nl, npt, _ = loc.shape
+    out = torch.zeros(bs, nq, nh, dh, dtype=D64)
+    for b in range(bs):
+        for q in range(nq):
+            for hd in range(nh):
+                acc = torch.zeros(dh, dtype=D64)
+                for lvl in range(nl):
+                    hh, ww = shapes[lvl].tolist()
+                    s = int(starts[lvl])
+                    img = value[b, s:s + hh * ww, hd].t().reshape(dh, hh, ww)
+                    for p in range(npt):
+                        x = float(loc[b, q, hd, lvl, p, 0]) * ww - 0.5
+                        y = float(loc[b, q, hd, lvl, p, 1]) * hh - 0.5
+                        acc = acc + attn[b, q, hd, lvl, p] * bilinear_reference(img, x, y)
+                out[b, q, hd] = acc
+    return out.view(bs, nq, nh * dh)
+
+
+def msda_case(seed, bs=2, nq=3, nh=2, dh=3, shapes=((3, 4), (2, 2)), npt=2):
+    g = _gen(seed)
+    shapes_t = torch.tensor(shapes, dtype=torch.int64)
+    starts = torch.cat([shapes_t.new_zeros(1), (shapes_t[:, 0] * shapes_t[:, 1]).cumsum(0)[:-1]])
+    keys = int((shapes_t[:, 0] * shapes_t[:, 1]).sum())
+    value = torch.randn(bs, keys, nh, dh, generator=g, dtype=D64)
+    loc = torch.rand(bs, nq, nh, len(shapes), npt, 2, generator=g, dtype=D64) * 1.4 - 0.2  # some outside
+    attn = torch.rand(bs, nq, nh, len(shapes), npt, generator=g, dtype=D64)
+    return value, shapes_t, starts, loc, attn
+
+
+def test_msda_matches_reference_and_gradcheck():
+    value, shapes, starts, loc, attn = msda_case(0)
+    out = ops.multi_scale_deformable_attn(value, shapes, starts, loc, attn)
+    assert out.shape == (2, 3, 6)
+    torch.testing.assert_close(out, msda_reference(value, shapes, starts, loc, attn))
+    assert torch.autograd.gradcheck(
+        lambda v, l_, a: ops.multi_scale_deformable_attn(v, shapes, starts, l_, a),
+        (value.requires_grad_(), loc.requires_grad_(), attn.requires_grad_()))
+
+
+def test_msda_float32_output_for_half_inputs():
+    value, shapes, starts, loc, attn = msda_case(1, nq=2)
+    out = ops.multi_scale_deformable_attn(value.half(), shapes, starts, loc.half(), attn.half())
+    assert out.dtype == torch.float32
+    ref = msda_reference(value.half().double(), shapes, starts, loc.half().double(), attn.half().double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_msda_rejects_bad_shapes():
+    value, shapes, starts, loc, attn = msda_case(0)
+    with pytest.raises(ValueError, match="attention_weights"):
+        ops.multi_scale_deformable_attn(value, shapes, starts, loc, attn[..., :1])
+    with pytest.raises(ValueError, match="keys"):
+        ops.multi_scale_deformable_attn(value[:, :-1], shapes, starts, loc, attn)
+
+
+def depth_case(seed, bs=2, nq=3, nz=2, per_anchor=2, nh=2, dh=3, h=3, w=4, nd=5):
+    g = _gen(seed)
+    value, shapes, starts, loc, attn = msda_case(seed, bs=bs, nq=nq, nh=nh, dh=dh, shapes=((h, w),),
+                                                 npt=nz * per_anchor)
+    depth_prob = torch.rand(bs, h * w, nd, generator=g, dtype=D64).softmax(-1)
+    ref_pts = torch.rand(bs, nq, nz, 2, generator=g, dtype=D64) * 1.2 - 0.1
+    z_metric = torch.rand(bs, nq, nz, generator=g, dtype=D64) * (nd + 2) * 0.5 + 1.0
+    bins = torch.clip(torch.floor((z_metric - 2.0) / 0.5), 0, nd - 1).long()  # upstream's bin rule
+    return value, shapes, starts, loc, attn, depth_prob, ref_pts, bins
+
+
+def depth_weight_reference(depth_prob, hw, ref_pts, onehot):
+    """UPSTREAM.md 1.2 item 5: sample the depth probability vector at the reference point, dot with the one-hot."""
+    h, w = hw
+    bs, nq, nz, _ = ref_pts.shape
+    out = torch.zeros(bs, nq, nz, dtype=D64)
+    for b in range(bs):
+        img = depth_prob[b].t().reshape(-1, h, w)
+        for q in range(nq):
+            for z in range(nz):
+                vec = bilinear_reference(img, float(ref_pts[b, q, z, 0]) * w - 0.5, float(ref_pts[b, q, z, 1]) * h - 0.5)
+                out[b, q, z] = (vec * onehot[b, q, z]).sum()
+    return out
+
+
+@pytest.mark.parametrize("bins_as", ["index", "onehot", "float"])
+def test_depth_weighted_attention_applies_upstream_weighting(bins_as):
+    value, shapes, starts, loc, attn, depth_prob, ref_pts, bins = depth_case(0)
+    onehot = F.one_hot(bins, depth_prob.shape[-1])
+    given = {"index": bins, "onehot": onehot, "float": onehot.double()}[bins_as]
+    w_ref = depth_weight_reference(depth_prob, (3, 4), ref_pts, onehot)
+    torch.testing.assert_close(ops.depth_weights(depth_prob, (3, 4), ref_pts, given), w_ref)
+    # Upstream: weights.unsqueeze(2).repeat(1, 1, points_per_anchor, 1) -> sampling point j uses anchor j % Z.
+    bs, nq, nh, nl, npt = attn.shape
+    w_pts = w_ref.unsqueeze(2).repeat(1, 1, npt // 2, 1).reshape(bs, nq, npt)
+    assert torch.equal(w_pts[:, :, 3], w_ref[:, :, 1]) and torch.equal(w_pts[:, :, 2], w_ref[:, :, 0])
+    expected = msda_reference(value, shapes, starts, loc, attn * w_pts[:, :, None, None, :])
+    out = ops.depth_weighted_deformable_attn(value, shapes, starts, loc, attn, depth_prob, ref_pts, given)
+    torch.testing.assert_close(out, expected)
+    # ... and it differs from the upstream non-CUDA fallback, which drops the weighting.
+    assert not torch.allclose(out, msda_reference(value, shapes, starts, loc, attn))
+
+
+def test_depth_weights_all_zero_onehot_row_gives_zero():
+    _, _, _, _, _, depth_prob, ref_pts, bins = depth_case(1)
+    onehot = F.one_hot(bins, depth_prob.shape[-1])
+    onehot[0, 0, 0] = 0
+    w = ops.depth_weights(depth_prob, (3, 4), ref_pts, onehot)
+    assert w[0, 0, 0] == 0
+    torch.testing.assert_close(w, depth_weight_reference(depth_prob, (3, 4), ref_pts, onehot))
+
+
+def test_depth_weighted_attention_gradcheck():
+    value, shapes, starts, loc, attn, depth_prob, ref_pts, bins = depth_case(2, bs=1, nq=2, nh=1, dh=2, nd=3)
+    assert torch.autograd.gradcheck(
+        lambda v, l_, a, dp, r: ops.depth_weighted_deformable_attn(v, shapes, starts, l_, a, dp, r, bins),
+        tuple(t.requires_grad_() for t in (value, loc, attn, depth_prob, ref_pts)))
+
+
+def test_depth_weighted_attention_rejects_bad_anchor_count():
+    value, shapes, starts, loc, attn, depth_prob, ref_pts, bins = depth_case(0, nz=2, per_anchor=2)
+    with pytest.raises(ValueError, match="Z dividing"):
+        ops.depth_weighted_deformable_attn(value, shapes, starts, loc[..., :3, :], attn[..., :3], depth_prob,
+                                           ref_pts, bins)
+
+
+# -------------------------------------------------------------------------------------------------- grid sample 3D
+
+
+def trilinear_reference(inp, grid):
+    """align_corners=True, zero padding; loops over output voxels and the 8 taps."""
+    n, c, d, h, w = inp.shape
+    _, do, ho, wo, _ = grid.shape
+    out = torch.zeros(n, c, do, ho, wo, dtype=D64)
+    for b in range(n):
+        for k in range(do):
+            for i in range(ho):
+                for j in range(wo):
+                    gx, gy, gz = grid[b, k, i, j].tolist()
+                    x, y, z = (gx + 1) / 2 * (w - 1), (gy + 1) / 2 * (h - 1), (gz + 1) / 2 * (d - 1)
+                    x0, y0, z0 = math.floor(x), math.floor(y), math.floor(z)
+                    for zz in (z0, z0 + 1):
+                        for yy in (y0, y0 + 1):
+                            for xx in (x0, x0 + 1):
+                                if 0 <= xx < w and 0 <= yy < h and 0 <= zz < d:
+                                    wt = (1 - abs(x - xx)) * (1 - abs(y - yy)) * (1 - abs(z - zz))
+                                    out[b, :, k, i, j] += inp[b, :, zz, yy, xx] * wt
+    return out
+
+
+def test_grid_sample_3d_matches_reference_and_gradcheck():
+    g = _gen(0)
+    inp = torch.randn(2, 3, 3, 4, 5, generator=g, dtype=D64)
+    grid = torch.rand(2, 2, 3, 2, 3, generator=g, dtype=D64) * 2.4 - 1.2
+    out = ops.grid_sample_3d(inp, grid)
+    torch.testing.assert_close(out, trilinear_reference(inp, grid))
+    assert torch.autograd.gradcheck(lambda i, gr: ops.grid_sample_3d(i, gr),
+                                    (inp.requires_grad_(), grid.requires_grad_()))
+
+
+# --------------------------------------------------------------------------------------------- sigmoid focal loss
+
+
+def focal_reference(pred, target, gamma, alpha, weight):
+    m, c = pred.shape
+    out = torch.zeros(m, c, dtype=D64)
+    for n in range(m):
+        t = int(target[n])
+        for k in range(c):
+            p = 1 / (1 + math.exp(-float(pred[n, k])))
+            if t == k:
+                v = -alpha * (1 - p) ** gamma * math.log(max(p, 1e-300))
+            else:
+                v = -(1 - alpha) * p ** gamma * math.log(max(1 - p, 1e-300))
+            if weight is not None and t < c:
+                v *= float(weight[t])
+            out[n, k] = v
+    return out
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_sigmoid_focal_loss_matches_kernel_math(reduction):
+    g = _gen(0)
+    pred = torch.randn(6, 4, generator=g, dtype=D64) * 3
+    target = torch.tensor([0, 1, 3, 4, 4, 2])  # 4 = background
+    weight = torch.rand(4, generator=g, dtype=D64)
+    for w in (None, weight):
+        ref = focal_reference(pred, target, 2.0, 0.25, w)
+        ref = {"none": ref, "mean": ref.sum() / 6, "sum": ref.sum()}[reduction]
+        torch.testing.assert_close(ops.sigmoid_focal_loss(pred, target, 2.0, 0.25, w, reduction), ref)
+    assert torch.autograd.gradcheck(lambda p: ops.sigmoid_focal_loss(p, target, 1.5, 0.3, weight, reduction),
+                                    (pred.requires_grad_(),))
+
+
+def test_sigmoid_focal_loss_rejects_float_targets():
+    with pytest.raises(ValueError, match="int64"):
+        ops.sigmoid_focal_loss(torch.zeros(2, 3), torch.zeros(2), reduction="none")
+
+
+# ------------------------------------------------------------------------------------------------ deform conv 2d
+
+
+def deform_conv_reference(inp, offset, weight, stride, padding, dilation, groups, dg):
+    n, cin, h, w = inp.shape
+    cout, cin_g, kh, kw = weight.shape
+    ho, wo = offset.shape[2:]
+    cols = torch.zeros(n, cin, kh * kw, ho, wo, dtype=D64)
+    per_dg = cin // dg
+    for b in range(n):
+        for g_ in range(dg):
+            for i in range(kh):
+                for j in range(kw):
+                    k = i * kw + j
+                    for oy in range(ho):
+                        for ox in range(wo):
+                            dy = float(offset[b, g_ * 2 * kh * kw + 2 * k, oy, ox])
+                            dx = float(offset[b, g_ * 2 * kh * kw + 2 * k + 1, oy, ox])
+                            y = oy * stride - padding + i * dilation + dy
+                            x = ox * stride - padding + j * dilation + dx
+                            img = inp[b, g_ * per_dg:(g_ + 1) * per_dg]
+                            cols[b, g_ * per_dg:(g_ + 1) * per_dg, k, oy, ox] = bilinear_reference(img, x, y)
+    out = torch.zeros(n, cout, ho, wo, dtype=D64)
+    cout_g = cout // groups
+    for gi in range(groups):
+        wmat = weight[gi * cout_g:(gi + 1) * cout_g].reshape(cout_g, -1)
+        cmat = cols[:, gi * cin_g:(gi + 1) * cin_g].reshape(n, cin_g * kh * kw, ho * wo)
+        out[:, gi * cout_g:(gi + 1) * cout_g] = (wmat @ cmat).view(n, cout_g, ho, wo)
+    return out
+
+
+def deform_case(seed, n=2, cin=4, cout=4, h=5, w=4, k=3, stride=1, padding=1, dilation=1, groups=2, dg=2):
+    g = _gen(seed)
+    inp = torch.randn(n, cin, h, w, generator=g, dtype=D64)
+    ho = (h + 2 * padding - (dilation * (k - 1) + 1)) // stride + 1
+    wo = (w + 2 * padding - (dilation * (k - 1) + 1)) // stride + 1
+    offset = torch.randn(n, dg * 2 * k * k, ho, wo, generator=g, dtype=D64) * 1.5
+    weight = torch.randn(cout, cin // groups, k, k, generator=g, dtype=D64)
+    return inp, offset, weight, dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
+                                     deform_groups=dg)
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(stride=2, padding=0, dilation=1, groups=1, dg=1, h=6, w=7),
+                                 dict(dilation=2, padding=2, groups=1, dg=4)])
+def test_deform_conv2d_matches_reference(cfg):
+    inp, offset, weight, kw = deform_case(0, **cfg)
+    out = ops.deform_conv2d(inp, offset, weight, **kw)
+    ref = deform_conv_reference(inp, offset, weight, kw["stride"], kw["padding"], kw["dilation"], kw["groups"],
+                                kw["deform_groups"])
+    torch.testing.assert_close(out, ref)
+
+
+def test_deform_conv2d_gradcheck_and_bias():
+    inp, offset, weight, kw = deform_case(1, n=1, cin=2, cout=2, h=3, w=3, groups=1, dg=1)
+    bias = torch.randn(2, dtype=D64)
+    out = ops.deform_conv2d(inp, offset, weight, bias=bias, **kw)
+    torch.testing.assert_close(out, ops.deform_conv2d(inp, offset, weight, **kw) + bias.view(1, -1, 1, 1))
+    assert torch.autograd.gradcheck(lambda i, o, w_: ops.deform_conv2d(i, o, w_, **kw),
+                                    tuple(t.requires_grad_() for t in (inp, offset, weight)))
+
+
+def test_deform_conv2d_matches_mmcv_compiled_cpu_kernel():
+    mod = pytest.importorskip("mmcv.ops.deform_conv", reason="needs mmcv-full with compiled ops (_ext)")
+    inp, offset, weight, kw = deform_case(2, n=2, cin=4, cout=4, groups=2, dg=2)
+    inp, offset, weight = (t.float().requires_grad_() for t in (inp, offset, weight))
+    ours = ops.deform_conv2d(inp, offset, weight, **kw)
+    theirs = mod.deform_conv2d(inp, offset, weight, kw["stride"], kw["padding"], kw["dilation"], kw["groups"],
+                               kw["deform_groups"], False, 32)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, (inp, offset, weight), g),
+                    torch.autograd.grad(theirs, (inp, offset, weight), g)):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_msda_matches_mmcv_pytorch_fallback():
+    mod = pytest.importorskip("mmcv.ops.multi_scale_deform_attn", reason="needs mmcv-full")
+    value, shapes, starts, loc, attn = msda_case(3, bs=2, nq=5, nh=2, dh=4)
+    torch.testing.assert_close(ops.multi_scale_deformable_attn(value, shapes, starts, loc, attn),
+                               mod.multi_scale_deformable_attn_pytorch(value, shapes, loc, attn))
+
+
+# ------------------------------------------------------------------------------------------------------ dispatch
+
+
+def test_force_backend_and_env(monkeypatch):
+    value = torch.zeros(1)
+    with ops.force_backend(None):
+        monkeypatch.delenv(dispatch.ENV, raising=False)
+        assert ops.backend_for(value) == "portable"
+        monkeypatch.setenv(dispatch.ENV, "npu")
+        assert ops.backend_for(value) == "npu"
+        with ops.force_backend("cuda"):
+            assert ops.backend_for(value) == "cuda"
+        monkeypatch.setenv(dispatch.ENV, "tpu")
+        with pytest.raises(ValueError, match="BEVKIT_OPS_BACKEND='tpu'"):
+            ops.backend_for(value)
+    with pytest.raises(ValueError, match="portable, npu, cuda"):
+        with ops.force_backend("gpu"):
+            pass
+
+
+def test_cuda_backend_without_kernels_falls_back_to_portable_and_logs_once(caplog, monkeypatch):
+    monkeypatch.setattr(dispatch, "optional_import", lambda name: None)
+    for mod in (bev_pool_mod, vp_mod):
+        monkeypatch.setattr(mod, "optional_import", lambda name: None)
+    dispatch.reset_log_once()
+    depth, feat, rd, rf, rb, shape = random_bev_case(0)
+    with ops.force_backend("cuda"), caplog.at_level("WARNING", logger="bevkit.ops"):
+        a = ops.bev_pool_v2(depth, feat, rd, rf, rb, shape)
+        b = ops.bev_pool_v2(depth, feat, rd, rf, rb, shape)
+    torch.testing.assert_close(a, bev_pool_reference(depth, feat, rd, rf, rb, shape))
+    assert torch.equal(a, b)
+    assert len([r for r in caplog.records if "bev_pool_v2_ext" in r.getMessage()]) == 1
