@@ -75,7 +75,25 @@ def atomic_write_text(path, text: str) -> Path:
 
 
 def atomic_write_json(path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
+    """Indented JSON; lists of numbers stay on one line (per-step arrays of long runs stay small)."""
+    placeholders: Dict[str, str] = {}
+
+    def compact(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: compact(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)) and value and all(
+                v is None or isinstance(v, (int, float)) for v in value):
+            key = f"@@bevkit-compact-{len(placeholders)}@@"
+            placeholders[key] = json.dumps(list(value), allow_nan=False)
+            return key
+        if isinstance(value, (list, tuple)):
+            return [compact(v) for v in value]
+        return value
+
+    text = json.dumps(compact(obj), indent=2, allow_nan=False)
+    for key, dumped in placeholders.items():
+        text = text.replace(json.dumps(key), dumped, 1)
+    return atomic_write_text(path, text + "\n")
 
 
 def _jsonable(value: Any) -> Any:

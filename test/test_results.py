@@ -149,3 +149,14 @@ def test_versions_are_read_without_importing_the_packages():
 def test_cann_version_from_install_info(tmp_path):
     (tmp_path / "ascend_toolkit_install.info").write_text("package_name=Ascend-cann-toolkit\nversion=8.3.RC1\n")
     assert res.cann_version({"ASCEND_TOOLKIT_HOME": str(tmp_path)}) == "8.3.RC1"
+
+
+def test_per_step_arrays_are_written_compactly(tmp_path):
+    records = [{"step": i, "time_s": 1.0, "loss": None if i == 5 else 1.0 / i, "samples": 8} for i in range(1, 2001)]
+    results = _results(tmp_path, records=records)
+    path, _, _ = res.write_results(tmp_path, results)
+    text = path.read_text()
+    assert len(text.splitlines()) < 200  # one line per array, not one per element
+    loaded = json.loads(text)
+    assert loaded["per_step"]["step"] == list(range(1, 2001)) and loaded["per_step"]["loss"][4] is None
+    assert loaded["metrics"]["per_class_iou"] == {"car": 0.5} and loaded["steps"] == 2000
