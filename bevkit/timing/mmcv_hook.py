@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from mmcv.runner import HOOKS, Hook
+from mmcv.runner import HOOKS, Hook, IterBasedRunner
 
 from bevkit.timing import StepRecorder
 
@@ -72,11 +72,10 @@ class BevkitTimingHook(Hook):
 
     def _stop(self, runner) -> None:
         n = self.recorder.steps
-        if hasattr(runner, "_max_iters") and runner.__class__.__name__ != "EpochBasedRunner" \
-                and runner._max_iters is not None and getattr(runner, "_max_epochs", None) is None:
+        if isinstance(runner, IterBasedRunner):
             # IterBasedRunner increments runner.iter after this hook; its loop ends when iter >= _max_iters
             runner._max_iters = runner.iter + 1
-        else:
+        else:  # EpochBasedRunner: the epoch in progress is the last one
             runner._max_epochs = runner.epoch + 1
         runner.logger.info(f"bevkit: stopping after {n} steps (BEVKIT_MAX_STEPS)")
 
