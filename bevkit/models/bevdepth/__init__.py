@@ -1,0 +1,89 @@
+"""BEVDepth (Megvii-BaseDetection/BEVDepth @d78c7b5) in the kit: the launcher's ModelSpec.
+
+Every rank runs ``bevdepth/run.py <exp file> --device D ...`` (see :mod:`.runtime`), which applies the
+kit's runtime patches (:mod:`.patches`) and runs the experiment through the kit's Lightning 1.9 CLI
+(:mod:`.cli`). Importing this package does not import torch.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional
+
+from bevkit import REPO_ROOT
+from bevkit.models import LaunchRequest, ModelSpec
+
+RUNNER = REPO_ROOT / "bevdepth" / "run.py"
+REFERENCE_EXP = "bevdepth/configs/bev_depth_lss_r50_256x704_128x128_24e_2key.py"
+SMOKE_EXP = "bevdepth/configs/bev_depth_tiny_smoke.py"
+BATCH_PER_DEVICE = 8
+SMOKE_BATCH_PER_DEVICE = 2
+EPOCHS = 24
+SMOKE_EPOCHS = 30
+
+
+def _passes(extra, *flags: str) -> bool:
+    return any(a == f or a.startswith(f + "=") for a in extra for f in flags)
+
+
+def batch_per_device(request: LaunchRequest) -> int:
+    extra = list(request.extra_args)
+    for i, arg in enumerate(extra):
+        if arg in ("-b", "--batch_size_per_device") and i + 1 < len(extra):
+            return int(extra[i + 1])
+        if arg.startswith("--batch_size_per_device="):
+            return int(arg.split("=", 1)[1])
+    return SMOKE_BATCH_PER_DEVICE if request.mode == "smoke" else BATCH_PER_DEVICE
+
+
+def checkpoints_under(folder: Path) -> List[Path]:
+    """Lightning checkpoints below ``folder``, newest first."""
+    found = [p for p in Path(folder).rglob("*.ckpt") if p.is_file()]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def latest_full_checkpoint(work_dir: Optional[Path] = None) -> Path:
+    """The newest checkpoint of the newest full run that wrote one (runs/bevdepth/full/<run>/...)."""
+    work_dir = Path(work_dir or REPO_ROOT / "runs" / "bevdepth" / "full")
+    runs = sorted((d for d in work_dir.glob("*") if d.is_dir()), key=lambda d: d.stat().st_mtime,
+                  reverse=True) if work_dir.is_dir() else []
+    for run in runs:
+        ckpts = checkpoints_under(run)
+        if ckpts:
+            return ckpts[0]
+    raise FileNotFoundError(f"no checkpoint found under {work_dir} (no finished full run): pass one with "
+                            f"--checkpoint FILE (bevdepth/test/eval.sh FILE)")
+
+
+def build_entry(request: LaunchRequest) -> List[str]:
+    """argv of every rank: the kit runner, the experiment, then upstream/Lightning arguments."""
+    exp = request.config or REPO_ROOT / (SMOKE_EXP if request.mode == "smoke" else REFERENCE_EXP)
+    extra = list(request.extra_args)
+    argv = [str(RUNNER), str(exp), "--device", request.device, "--data_root", str(request.data_root),
+            "--default_root_dir", str(request.run_dir)]
+    if not _passes(extra, "-b", "--batch_size_per_device"):
+        argv += ["-b", str(batch_per_device(request))]
+    if request.mode == "eval":
+        checkpoint = request.checkpoint or latest_full_checkpoint(
+            Path(os.environ["BEVKIT_FULL_WORK_DIR"]) if os.environ.get("BEVKIT_FULL_WORK_DIR") else None)
+        argv += ["-e", "--ckpt_path", str(checkpoint)]
+    else:
+        if request.checkpoint is not None:  # resume
+            argv += ["--ckpt_path", str(request.checkpoint)]
+        if not _passes(extra, "--max_epochs"):
+            epochs = {"full": EPOCHS, "performance": 1, "smoke": SMOKE_EPOCHS}[request.mode]
+            argv += ["--max_epochs", str(epochs)]
+        if request.mode == "smoke":
+            argv += ["--evaluate_after_fit"]
+    return argv + extra
+
+
+SPEC = ModelSpec(
+    name="bevdepth",
+    display_name="BEVDepth",
+    upstream="BEVDepth",
+    samples_per_device=BATCH_PER_DEVICE,
+    build_entry=build_entry,
+    configs={"full": REFERENCE_EXP, "performance": REFERENCE_EXP, "eval": REFERENCE_EXP, "smoke": SMOKE_EXP},
+    samples_per_device_for=batch_per_device,
+)

@@ -1,0 +1,179 @@
+"""The kit's ``run_cli`` for BEVDepth experiments (replaces ``bevdepth.exps.base_cli.run_cli`` at runtime).
+
+Same command line as upstream (pytorch-lightning Trainer arguments, ``-e/--evaluate``, ``-p/--predict``,
+``-b/--batch_size_per_device``, ``--seed``, ``--ckpt_path`` and upstream's Trainer defaults: 24 epochs,
+gradient clip 5, no validation during fit, fp16 AMP), adapted to pytorch-lightning 1.9 and to the
+device:
+
+- ``--device {npu,cuda,cpu}`` (default ``$BEVKIT_DEVICE`` or the best available). Devices per node come
+  from torchrun (``LOCAL_WORLD_SIZE``) unless ``--devices``/``--gpus`` say otherwise.
+- NPU: :mod:`bevkit.lightning_npu` (accelerator, DDP over hccl, NPU AMP + torch_npu grad scaler).
+  CUDA: Lightning's own GPU accelerator, DDP over nccl, native AMP. CPU: DDP over gloo; precision 32 by
+  default (``--precision bf16`` for CPU autocast; upstream's 16 means bf16 on CPU).
+- Upstream scales the learning rate by ``gpus``: the kit passes the world size, so lr = 2e-4/64 x
+  batch per device x world size on every device (2e-4 for 8 x 8).
+- ``--weight_decay`` (default: upstream's 1e-7), ``--data_root`` (default: upstream's data/nuScenes),
+  ``--nusc_version`` for evaluation.
+- Steps are recorded by :class:`bevkit.timing.lightning.BevkitTimingCallback` (``steps.jsonl`` in
+  ``$BEVKIT_RUN_DIR``), which also stops after ``$BEVKIT_MAX_STEPS``.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from argparse import ArgumentParser
+from typing import List, Optional, Sequence
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.strip() else default
+
+
+def build_parser(exp_name: str, epochs: int = 24) -> ArgumentParser:
+    from bevkit.compat import prepare_imports
+
+    prepare_imports()  # Lightning imports torchvision
+    import pytorch_lightning as pl
+
+    parser = ArgumentParser(prog=f"bevdepth/run.py {exp_name}.py", add_help=True)
+    parser = pl.Trainer.add_argparse_args(parser)
+    parser.add_argument("-e", "--evaluate", dest="evaluate", action="store_true",
+                        help="evaluate the checkpoint (--ckpt_path) on the validation set")
+    parser.add_argument("-p", "--predict", dest="predict", action="store_true",
+                        help="predict on the test set and write results_nusc.json")
+    parser.add_argument("-b", "--batch_size_per_device", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="seed for initializing training")
+    parser.add_argument("--ckpt_path", type=str)
+    parser.add_argument("--device", choices=["npu", "cuda", "cpu"], default=None,
+                        help="device type (default: $BEVKIT_DEVICE or the best available)")
+    parser.add_argument("--data_root", default=os.environ.get("BEVKIT_DATA_ROOT", "data/nuScenes"),
+                        help="nuScenes data root with the info pkls (default: $BEVKIT_DATA_ROOT or "
+                             "data/nuScenes)")
+    parser.add_argument("--weight_decay", type=float, default=None,
+                        help="AdamW weight decay (default: upstream's 1e-7)")
+    parser.add_argument("--evaluate_after_fit", action="store_true",
+                        help="after training, evaluate the final weights on the validation set (smoke runs)")
+    parser.add_argument("--nusc_version", default=None,
+                        help="nuScenes version folder for evaluation (default v1.0-trainval)")
+    parser.set_defaults(profiler="simple", deterministic=False, max_epochs=epochs,
+                        num_sanity_val_steps=0, gradient_clip_val=5, limit_val_batches=0,
+                        enable_checkpointing=True, precision=None,
+                        default_root_dir=os.environ.get("BEVKIT_RUN_DIR") or os.path.join("./outputs/", exp_name))
+    return parser
+
+
+def trainer_setup(device: str, args) -> dict:
+    """Trainer keyword arguments (accelerator, devices, strategy, precision, plugins) for ``device``."""
+    from pytorch_lightning.strategies import DDPStrategy
+
+    devices = args.devices or args.gpus or _env_int("LOCAL_WORLD_SIZE", 1)
+    if isinstance(devices, str):
+        devices = int(devices) if devices.isdigit() else devices
+    num_nodes = args.num_nodes or _env_int("NNODES", 1)
+    precision = args.precision
+    kwargs = dict(devices=devices, num_nodes=num_nodes, gpus=None)
+    ddp = isinstance(devices, int) and devices * num_nodes > 1 or num_nodes > 1
+    if device == "npu":
+        from bevkit.lightning_npu import NPUAccelerator, NPUDDPStrategy, NPUMixedPrecisionPlugin
+
+        precision = 16 if precision is None else precision
+        kwargs.update(accelerator=NPUAccelerator(),
+                      strategy=NPUDDPStrategy(find_unused_parameters=False) if ddp else
+                      _single_npu_strategy())
+        if str(precision) == "16":
+            kwargs["plugins"] = [NPUMixedPrecisionPlugin()]
+            precision = 32  # the plugin does the mixed precision; Lightning must not add its own
+    elif device == "cuda":
+        precision = 16 if precision is None else precision
+        kwargs.update(accelerator="gpu", strategy=DDPStrategy(find_unused_parameters=False) if ddp else None)
+    else:
+        if precision is None:
+            precision = 32
+        elif str(precision) == "16":
+            warnings.warn("CPU has no fp16 autocast: --precision 16 means bf16 on CPU")
+            precision = "bf16"
+        kwargs.update(accelerator="cpu",
+                      strategy=DDPStrategy(process_group_backend="gloo", find_unused_parameters=False)
+                      if ddp else None)
+    kwargs["precision"] = precision
+    if kwargs.get("strategy") is None:
+        kwargs.pop("strategy")
+    return kwargs
+
+
+def _single_npu_strategy():
+    from bevkit.lightning_npu import SingleNPUStrategy
+
+    return SingleNPUStrategy()
+
+
+def world_size_of(kwargs: dict) -> int:
+    devices = kwargs.get("devices")
+    per_node = devices if isinstance(devices, int) else 1
+    return per_node * (kwargs.get("num_nodes") or 1)
+
+
+def run_cli(model_class, exp_name: str = "base_exp", use_ema: bool = False,
+            extra_trainer_config_args: Optional[dict] = None, argv: Optional[Sequence[str]] = None):
+    """Drop-in for upstream ``run_cli`` (same signature); argv defaults to what bevdepth/run.py got."""
+    import pytorch_lightning as pl
+
+    from . import runtime
+
+    extra = extra_trainer_config_args or {}
+    parser = build_parser(exp_name, extra.get("epochs", 24))
+    args = parser.parse_args(list(runtime.EXP_ARGV if argv is None else argv))
+    device = runtime.activate(args.device)
+    if args.seed is not None:
+        pl.seed_everything(args.seed)
+    trainer_kwargs = trainer_setup(device, args)
+    # upstream: lr = 2e-4 / 64 * batch_per_device * gpus -> the global batch decides it
+    model_kwargs = dict(vars(args), gpus=world_size_of(trainer_kwargs))
+    for key in ("device", "evaluate_after_fit"):
+        model_kwargs.pop(key)
+    if model_kwargs.get("nusc_version") is None:
+        model_kwargs.pop("nusc_version")
+    os.environ.setdefault("BEVKIT_DATA_ROOT", args.data_root)
+    model = model_class(**model_kwargs)
+
+    callbacks: List = []
+    try:
+        from bevkit.timing.lightning import BevkitTimingCallback
+
+        callbacks.append(BevkitTimingCallback(samples_per_device=args.batch_size_per_device))
+    except ImportError:  # timing module not installed: Lightning's own progress output only
+        pass
+    if use_ema:
+        from bevdepth.callbacks.ema import EMACallback
+
+        callbacks.append(EMACallback(len(model.train_dataloader().dataset) * args.max_epochs))
+    trainer = pl.Trainer.from_argparse_args(args, callbacks=callbacks, **trainer_kwargs)
+    if args.evaluate:
+        if not args.ckpt_path:
+            parser.error("-e/--evaluate needs --ckpt_path CKPT")
+        trainer.test(model, ckpt_path=args.ckpt_path)
+    elif args.predict:
+        _predict(trainer, model, args.ckpt_path)
+    else:
+        trainer.fit(model, ckpt_path=args.ckpt_path)
+        if args.evaluate_after_fit:
+            trainer.test(model)
+    return trainer
+
+
+def _predict(trainer, model, ckpt_path):
+    from bevdepth.utils.torch_dist import all_gather_object, get_rank, synchronize
+
+    outputs = trainer.predict(model, ckpt_path=ckpt_path)
+    results, metas = [], []
+    for batch in outputs:
+        for sample in batch:
+            results.append(sample[:3])
+            metas.append(sample[3])
+    synchronize()
+    length = len(model.test_dataloader().dataset)
+    results = sum(map(list, zip(*all_gather_object(results))), [])[:length]
+    metas = sum(map(list, zip(*all_gather_object(metas))), [])[:length]
+    if get_rank() == 0:
+        model.evaluator._format_bbox(results, metas, os.path.dirname(ckpt_path or model.default_root_dir))

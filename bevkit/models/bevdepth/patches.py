@@ -1,0 +1,446 @@
+"""Runtime patches that make BEVDepth (Megvii-BaseDetection/BEVDepth @d78c7b5) run on NPU, CUDA and CPU.
+
+Every change to upstream behaviour lives here as a named :class:`~bevkit.patching.RuntimePatch`
+(``python -m bevkit.patching list bevdepth`` prints them); ``bevdepth/bevdepth.patch`` only makes the
+checkout build and import without CUDA. Patches wrap the upstream function where possible, so the
+upstream code still does the work; the few replacements (``get_geometry``) are parity-tested against
+the upstream formulation in ``test/test_bevdepth_patches.py``.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import warnings
+from pathlib import Path
+from typing import Any, List, Optional
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from bevkit.device import device_type
+from bevkit.patching import PatchSet, RuntimePatch
+
+LSS = "bevdepth.layers.backbones.base_lss_fpn"
+HEAD = "bevdepth.layers.heads.bev_depth_head"
+EXP = "bevdepth.exps.nuscenes.base_exp"
+DATASET = "bevdepth.datasets.nusc_det_dataset"
+EVALUATOR = "bevdepth.evaluators.det_evaluators"
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+
+
+class StaysPut(torch.Tensor):
+    """A tensor whose ``.cuda()`` returns itself (as a plain tensor) on whatever device it is on.
+
+    Upstream calls ``.cuda()`` on tensors that Lightning (or the module's buffers) already placed on
+    the right device; this makes those calls no-ops on NPU and CPU without editing the upstream.
+    """
+
+    def cuda(self, *args, **kwargs):  # noqa: D102 - see class doc
+        return self.as_subclass(torch.Tensor)
+
+
+def stays_put(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.as_subclass(StaysPut)
+
+
+def _autocast_kinds() -> List[str]:
+    kinds = ["cpu"]
+    if torch.cuda.is_available():
+        kinds.append("cuda")
+    if hasattr(torch, "npu"):  # torch_npu imported (or its test fake)
+        kinds.append("npu")
+    return kinds
+
+
+@contextlib.contextmanager
+def no_autocast():
+    """Autocast off for every device type in use (upstream's ``torch.cuda.amp.autocast(False)``
+    only switches CUDA autocast off, so fp32-only code would run in bf16/fp16 on CPU or NPU)."""
+    with contextlib.ExitStack() as stack:
+        for kind in _autocast_kinds():
+            stack.enter_context(torch.autocast(device_type=kind, enabled=False))
+        yield
+
+
+def _cuda_autocast_replacement(original):
+    """``autocast(enabled=False)`` -> :func:`no_autocast`; anything else stays upstream's."""
+
+    def autocast(enabled: bool = True, *args, **kwargs):
+        if not enabled and not args and not kwargs:
+            return no_autocast()
+        return original(enabled, *args, **kwargs)
+
+    return autocast
+
+
+class _MapCudaDevice(TorchFunctionMode):
+    """Turn ``device='cuda'`` arguments into ``device=target`` (upstream hard-codes 'cuda')."""
+
+    def __init__(self, target: torch.device):
+        super().__init__()
+        self.target = target
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        dev = kwargs.get("device")
+        if dev is not None and str(dev).startswith("cuda"):
+            kwargs = dict(kwargs, device=self.target)
+        return func(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ops
+
+
+def _voxel_pooling_train(original):
+    def voxel_pooling_train(geom_xyz, input_features, voxel_num):
+        if original is not None and device_type(input_features) == "cuda":
+            return original(geom_xyz, input_features, voxel_num)  # upstream's compiled kernel
+        from bevkit import ops
+
+        return ops.voxel_pooling_train(geom_xyz, input_features, voxel_num)
+
+    return voxel_pooling_train
+
+
+def _voxel_pooling_inference(original):
+    def voxel_pooling_inference(geom_xyz, depth_features, context_features, voxel_num):
+        if original is not None and device_type(depth_features) == "cuda":
+            return original(geom_xyz, depth_features, context_features, voxel_num)
+        from bevkit import ops
+
+        return ops.voxel_pooling_inference(geom_xyz, depth_features, context_features, voxel_num)
+
+    return voxel_pooling_inference
+
+
+def _forward_single_sweep(original):
+    @functools.wraps(original)
+    def _forward_single_sweep(self, *args, **kwargs):
+        buffer = self._buffers["voxel_num"]
+        self._buffers["voxel_num"] = stays_put(buffer)  # upstream: self.voxel_num.cuda()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            self._buffers["voxel_num"] = buffer
+
+    return _forward_single_sweep
+
+
+def get_geometry(self, sensor2ego_mat, intrin_mat, ida_mat, bda_mat):
+    """Frustum points -> ego (BDA-augmented) coordinates with matmuls of rank <= 4.
+
+    Same math and association order as upstream ``BaseLSSFPN.get_geometry``
+    (bda @ ((sensor2ego @ K^-1) @ scale_uv(ida^-1 @ p))), but the frustum is flattened to
+    [1, 1, D*H*W, 4] rows multiplied by transposed per-camera matrices instead of broadcasting
+    4x4 matrices over a rank-7 tensor (NPU matmul supports rank <= 6).
+    """
+    batch_size, num_cams = sensor2ego_mat.shape[:2]
+    depth, height, width, _ = self.frustum.shape
+    points = self.frustum.reshape(1, 1, -1, 4)
+    points = points.matmul(ida_mat.inverse().transpose(-1, -2))
+    points = torch.cat((points[..., :2] * points[..., 2:3], points[..., 2:]), -1)
+    combine = sensor2ego_mat.matmul(torch.inverse(intrin_mat))
+    points = points.matmul(combine.transpose(-1, -2))
+    if bda_mat is not None:
+        points = points.matmul(bda_mat.unsqueeze(1).transpose(-1, -2))
+    return points[..., :3].reshape(batch_size, num_cams, depth, height, width, 3)
+
+
+def _deform_conv_forward(original):
+    """mmcv's DCN has no NPU kernel in the pip mmcv-full: run it through bevkit.ops.deform_conv2d."""
+
+    @functools.wraps(original)
+    def forward(self, x):
+        from bevkit import ops
+
+        offset = self.conv_offset(x)
+        return ops.deform_conv2d(x, offset, self.weight, self.stride, self.padding, self.dilation,
+                                 self.groups, self.deform_groups, False, self.im2col_step)
+
+    return forward
+
+
+# ---------------------------------------------------------------------------------------------------
+# head
+
+
+def _get_targets_single(original):
+    @functools.wraps(original)
+    def get_targets_single(self, gt_bboxes_3d, gt_labels_3d):
+        home = gt_bboxes_3d.device
+        cpu = torch.device("cpu")
+        # Build on the host: hundreds of tiny per-object ops are launch-bound on an accelerator.
+        with _MapCudaDevice(cpu):
+            targets = original(self, gt_bboxes_3d.to(cpu), gt_labels_3d.to(cpu))
+        if home.type == "cpu":
+            return targets
+        return tuple([t.to(home, non_blocking=True) for t in group] for group in targets)
+
+    return get_targets_single
+
+
+def _head_forward(original):
+    inner = getattr(original, "__wrapped__", original)  # under upstream's cuda-only autocast(False)
+
+    @functools.wraps(inner)
+    def forward(self, x):
+        with no_autocast():
+            return inner(self, x)
+
+    return forward
+
+
+# ---------------------------------------------------------------------------------------------------
+# Lightning module
+
+
+def _training_step(original):
+    @functools.wraps(original)
+    def training_step(self, batch, *args, **kwargs):
+        batch = list(batch)
+        batch[-1] = stays_put(batch[-1])  # upstream: depth_labels.cuda(), unconditionally
+        return original(self, tuple(batch))
+
+    return training_step
+
+
+def make_optimizer(params, lr: float, weight_decay: float, kind: str):
+    """AdamW for the device: torch_npu's fused kernel on NPU, fused on CUDA, foreach on CPU."""
+    if kind == "npu":
+        from torch_npu.optim import NpuFusedAdamW
+
+        return NpuFusedAdamW(params, lr=lr, weight_decay=weight_decay)
+    if kind == "cuda":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+def _configure_optimizers(original):
+    @functools.wraps(original)
+    def configure_optimizers(self):
+        (optimizer,), (scheduler,) = original(self)
+        group = optimizer.param_groups[0]
+        weight_decay = getattr(self, "hparams", {}).get("weight_decay")
+        if weight_decay is None:
+            weight_decay = group["weight_decay"]  # upstream: 1e-7
+        kind = device_type(group["params"][0])
+        new = make_optimizer(group["params"], group["lr"], weight_decay, kind)
+        milestones = sorted(scheduler.milestones.elements())
+        new_scheduler = torch.optim.lr_scheduler.MultiStepLR(new, milestones, gamma=scheduler.gamma)
+        return [[new], [new_scheduler]]
+
+    return configure_optimizers
+
+
+def _module_init(original):
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        # upstream's evaluator reads './data/nuScenes' whatever --data_root says
+        self.evaluator.data_root = self.data_root
+        self.evaluator.version = kwargs.get("nusc_version") or os.environ.get(
+            "BEVKIT_NUSC_VERSION", self.evaluator.version)
+
+    return __init__
+
+
+METRIC_NAMES = ("mAP", "NDS", "mATE", "mASE", "mAOE", "mAVE", "mAAE")
+
+
+def _evaluate_single(original):
+    @functools.wraps(original)
+    def _evaluate_single(self, result_path, *args, **kwargs):
+        detail = original(self, result_path, *args, **kwargs)
+        metrics = {}
+        for key, value in detail.items():
+            name = key.rsplit("/", 1)[-1]
+            if name in METRIC_NAMES:
+                metrics[name] = float(value)
+        print("bevkit metrics: " + ", ".join(f"{k}: {metrics[k]:.4f}" for k in METRIC_NAMES if k in metrics))
+        try:
+            from bevkit.results import write_metrics
+        except ImportError:  # results module not available: the printed line is the record
+            write_metrics = None
+        if write_metrics is not None and os.environ.get("BEVKIT_RUN_DIR"):
+            write_metrics({k.lower(): v for k, v in metrics.items()})
+        return detail
+
+    return _evaluate_single
+
+
+# ---------------------------------------------------------------------------------------------------
+# data
+
+
+DEPTH_GT_DIR = "depth_gt"
+_warned_online = []
+
+
+def depth_gt_path(data_root: str, image_filename: str) -> str:
+    """depth_gt/<image basename>.bin (the DrivingSDK port's layout)."""
+    return os.path.join(data_root, DEPTH_GT_DIR, os.path.basename(image_filename) + ".bin")
+
+
+def _get_lidar_depth(original):
+    @functools.wraps(original)
+    def get_lidar_depth(self, lidar_points, img, lidar_info, cam_info):
+        mode = os.environ.get("BEVKIT_DEPTH_GT", "auto")
+        if mode not in ("auto", "precomputed", "online"):
+            raise ValueError(f"BEVKIT_DEPTH_GT={mode!r}: use auto, precomputed or online")
+        if mode != "online":
+            path = depth_gt_path(self.data_root, cam_info["filename"])
+            if os.path.exists(path):
+                import numpy as np
+
+                return np.fromfile(path, dtype=np.float32).reshape(-1, 3)
+            if mode == "precomputed":
+                raise FileNotFoundError(
+                    f"precomputed depth ground truth {path} is missing: run "
+                    f"'python -m bevkit.data.depth_gt {self.data_root}' (or set BEVKIT_DEPTH_GT=online)")
+            if not _warned_online:
+                _warned_online.append(path)
+                warnings.warn(f"no precomputed depth GT ({path}); projecting lidar online, which is slow. "
+                              f"Run 'python -m bevkit.data.depth_gt {self.data_root}'.")
+        return original(self, lidar_points, img, lidar_info, cam_info)
+
+    return get_lidar_depth
+
+
+# ---------------------------------------------------------------------------------------------------
+# pretrained backbone
+
+RESNET50_FILE = "resnet50-0676ba61.pth"
+
+
+def resnet50_candidates(data_root: Optional[str] = None) -> List[Path]:
+    """Where the torchvision ResNet-50 weights are looked for, in order."""
+    places = []
+    if os.environ.get("BEVKIT_CKPT_DIR"):
+        places.append(Path(os.environ["BEVKIT_CKPT_DIR"]) / RESNET50_FILE)
+    if data_root:
+        places.append(Path(data_root) / "ckpts" / RESNET50_FILE)
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / RESNET50_FILE
+    places.append(hub)
+    return places
+
+
+def sha256_prefix_ok(path: Path, prefix: str) -> bool:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest().startswith(prefix)
+
+
+def find_resnet50(data_root: Optional[str] = None) -> Path:
+    """The verified local resnet50-0676ba61.pth, or a FileNotFoundError saying where to put it."""
+    prefix = RESNET50_FILE.split("-")[1].split(".")[0]
+    places = resnet50_candidates(data_root)
+    for place in places:
+        if place.is_file():
+            if not sha256_prefix_ok(place, prefix):
+                raise ValueError(f"{place}: sha256 does not start with {prefix}; the file is corrupt or "
+                                 f"not torchvision's ResNet-50 (download it again)")
+            return place
+    raise FileNotFoundError(
+        "BEVDepth's image backbone starts from torchvision's ImageNet ResNet-50, and there is no network "
+        f"download here. Put {RESNET50_FILE} (https://download.pytorch.org/models/{RESNET50_FILE}) in one "
+        "of: " + "; ".join(str(p) for p in places) + " (BEVKIT_CKPT_DIR, <data root>/ckpts or the torch "
+        "hub cache), or set BEVKIT_PRETRAINED=none to train from scratch.")
+
+
+def _lss_init(original):
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        conf = kwargs.get("img_backbone_conf")
+        if conf is not None and isinstance(conf.get("init_cfg"), dict) \
+                and conf["init_cfg"].get("checkpoint") == "torchvision://resnet50":
+            conf = dict(conf)
+            if os.environ.get("BEVKIT_PRETRAINED", "").lower() == "none":
+                conf.pop("init_cfg")
+            else:
+                path = find_resnet50(os.environ.get("BEVKIT_DATA_ROOT"))
+                conf["init_cfg"] = dict(conf["init_cfg"], checkpoint=str(path))
+            kwargs["img_backbone_conf"] = conf
+        original(self, *args, **kwargs)
+
+    return __init__
+
+
+def _is_function(original: Any) -> bool:
+    return callable(original)
+
+
+def _kit_run_cli(original):
+    from .cli import run_cli
+
+    return run_cli
+
+
+PATCHES = PatchSet("bevdepth", [
+    RuntimePatch(
+        "run_cli_kit", "bevdepth.exps.base_cli:run_cli", _kit_run_cli,
+        why="upstream's CLI targets Lightning 1.6 on CUDA (accelerator='ddp', --gpus); the kit's picks "
+            "accelerator, DDP backend and precision per device on Lightning 1.9 (same arguments)"),
+    RuntimePatch(
+        "voxel_pooling_train", f"{LSS}:voxel_pooling_train", _voxel_pooling_train,
+        why="the compiled op exists only with CUDA; elsewhere use bevkit.ops (mx_driving on NPU, "
+            "portable PyTorch on CPU)"),
+    RuntimePatch(
+        "voxel_pooling_inference", f"{LSS}:voxel_pooling_inference", _voxel_pooling_inference,
+        why="as voxel_pooling_train, for evaluation"),
+    RuntimePatch(
+        "voxel_num_device", f"{LSS}:BaseLSSFPN._forward_single_sweep", _forward_single_sweep,
+        why="upstream passes self.voxel_num.cuda(); the buffer is already on the module's device",
+        devices=("npu", "cpu"), check=_is_function),
+    RuntimePatch(
+        "get_geometry_rank4", f"{LSS}:BaseLSSFPN.get_geometry", lambda original: get_geometry,
+        why="rank-7 broadcast matmuls exceed the NPU's rank-6 matmul; same math with rank-4 matmuls",
+        devices=("npu",), check=_is_function),
+    RuntimePatch(
+        "dcn_portable", "mmcv.ops.deform_conv:DeformConv2dPack.forward", _deform_conv_forward,
+        why="DepthNet's DCN: pip mmcv-full has no NPU kernel; bevkit.ops.deform_conv2d dispatches to "
+            "mx_driving", devices=("npu",), check=_is_function),
+    RuntimePatch(
+        "head_targets_device", f"{HEAD}:BEVDepthHead.get_targets_single", _get_targets_single,
+        why="targets are created with device='cuda'; build them on the host and move them to the "
+            "boxes' device", devices=("npu", "cpu"), check=_is_function),
+    RuntimePatch(
+        "head_fp32", f"{HEAD}:BEVDepthHead.forward", _head_forward,
+        why="upstream's @torch.cuda.amp.autocast(False) leaves NPU/CPU autocast on; keep the head "
+            "in fp32 on every device", devices=("npu", "cpu")),
+    RuntimePatch(
+        "depth_loss_fp32", f"{EXP}:autocast", _cuda_autocast_replacement,
+        why="get_depth_loss disables only CUDA autocast; disable it on every device",
+        devices=("npu", "cpu")),
+    RuntimePatch(
+        "training_step_device", f"{EXP}:BEVDepthLightningModel.training_step", _training_step,
+        why="training_step calls depth_labels.cuda() unconditionally; Lightning already moved the "
+            "batch to the module's device", devices=("npu", "cpu"), check=_is_function),
+    RuntimePatch(
+        "optimizer_per_device", f"{EXP}:BEVDepthLightningModel.configure_optimizers",
+        _configure_optimizers,
+        why="fused AdamW per device (torch_npu NpuFusedAdamW / CUDA fused / CPU foreach) with "
+            "upstream's lr, milestones and weight decay 1e-7 (override: --weight_decay)",
+        check=_is_function),
+    RuntimePatch(
+        "evaluator_data_root", f"{EXP}:BEVDepthLightningModel.__init__", _module_init,
+        why="DetNuscEvaluator hard-codes ./data/nuScenes; evaluate against --data_root"),
+    RuntimePatch(
+        "evaluator_metrics", f"{EVALUATOR}:DetNuscEvaluator._evaluate_single", _evaluate_single,
+        why="upstream drops the metrics it computes; write mAP, NDS and TP errors to metrics.json"),
+    RuntimePatch(
+        "depth_gt_precomputed", f"{DATASET}:NuscDetDataset.get_lidar_depth", _get_lidar_depth,
+        why="read depth_gt/<image>.bin made offline by 'python -m bevkit.data.depth_gt' instead of "
+            "projecting lidar in the data loader (BEVKIT_DEPTH_GT=auto|precomputed|online)"),
+    RuntimePatch(
+        "pretrained_offline", f"{LSS}:BaseLSSFPN.__init__", _lss_init,
+        why="torchvision://resnet50 downloads at build time; use a verified local file "
+            "(BEVKIT_CKPT_DIR, <data root>/ckpts, torch hub cache) or BEVKIT_PRETRAINED=none"),
+])
