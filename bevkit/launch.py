@@ -604,8 +604,8 @@ def finish(plan: Plan, exit_code: int, e2e_s: float, warmup: Optional[int], out=
     r = plan.request
     records = read_steps(r.run_dir / STEPS_FILE)
     metrics = res.read_metrics(r.run_dir)
-    if warmup is None and plan.env.get("BEVKIT_WARMUP_STEPS"):
-        warmup = int(plan.env["BEVKIT_WARMUP_STEPS"])
+    if warmup is None and plan.env.get("BEVKIT_WARMUP_STEPS", "").strip().isdigit():
+        warmup = int(plan.env["BEVKIT_WARMUP_STEPS"])  # (anything else: the default rule)
     checkout = plan.cwd if plan.spec.upstream else None
     results = res.build_results(
         records=records, metrics=metrics, model=plan.spec.name, display_name=plan.spec.display_name,
