@@ -252,6 +252,7 @@ def test_voxel_pooling_inference_matches_training_pooling_of_outer_product(strat
     geom, depth, context = inference_case(0)
     out = ops.voxel_pooling_inference(geom, depth, context, (4, 3, 2))
     torch.testing.assert_close(out, inference_reference(geom, depth, context, (4, 3, 2)))
+    geom, depth, context = inference_case(1, b=1, ncam=2, d=3, h=1, w=2, c=2)
     assert torch.autograd.gradcheck(lambda d_, c_: ops.voxel_pooling_inference(geom, d_, c_, (4, 3, 2)),
                                     (depth.requires_grad_(), context.requires_grad_()))
 
@@ -592,3 +593,33 @@ def test_cuda_backend_without_kernels_falls_back_to_portable_and_logs_once(caplo
     torch.testing.assert_close(a, bev_pool_reference(depth, feat, rd, rf, rb, shape))
     assert torch.equal(a, b)
     assert len([r for r in caplog.records if "bev_pool_v2_ext" in r.getMessage()]) == 1
+
+
+def test_mmcv_signature_drop_in_and_broadcast_reference_points():
+    value, shapes, starts, loc, attn = msda_case(4)
+    out = ops.multi_scale_deformable_attn_pytorch(value.float(), shapes, loc.float(), attn.float())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), msda_reference(value, shapes, starts, loc, attn), rtol=1e-5, atol=1e-5)
+    value, shapes, starts, loc, attn, depth_prob, ref_pts, bins = depth_case(3)
+    bs, nq, nz, _ = ref_pts.shape
+    flat = ops.depth_weighted_deformable_attn(value, shapes, starts, loc, attn, depth_prob, ref_pts, bins)
+    upstream_view = ref_pts[:, :, None, None, None, :, :]  # what DA_MSDeformableAttention.forward holds
+    torch.testing.assert_close(
+        ops.depth_weighted_deformable_attn(value, shapes, starts, loc, attn, depth_prob, upstream_view, bins), flat)
+
+
+def test_forced_cuda_backend_on_cpu_tensors_never_calls_a_cuda_kernel(caplog, monkeypatch):
+    class FakeKernel:
+        @staticmethod
+        def apply(*args):
+            raise AssertionError("a CUDA kernel got CPU tensors")
+
+    fake_mod = type("M", (), {"MultiScaleDeformableAttnFunction": FakeKernel})
+    from bevkit.ops import deform_attn
+    monkeypatch.setattr(deform_attn, "optional_import", lambda name: fake_mod)
+    dispatch.reset_log_once()
+    value, shapes, starts, loc, attn = msda_case(5)
+    with ops.force_backend("cuda"), caplog.at_level("WARNING", logger="bevkit.ops"):
+        out = ops.multi_scale_deformable_attn(value, shapes, starts, loc, attn)
+    torch.testing.assert_close(out, msda_reference(value, shapes, starts, loc, attn))
+    assert any("cuda backend chosen for a cpu tensor" in r.getMessage() for r in caplog.records)

@@ -109,7 +109,10 @@ class WeightedScatter(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         vals, dense, dst, src = ctx.saved_tensors
-        g = torch.cat([grad_out, grad_out.new_zeros(1, grad_out.shape[1])]).contiguous()
+        # One copy into [n_out + 1, C] (the trash row gets zero gradient); grad_out often arrives transposed.
+        g = grad_out.new_empty(ctx.n_out + 1, grad_out.shape[1])
+        g[:ctx.n_out].copy_(grad_out)
+        g[ctx.n_out].zero_()
         grad_vals = grad_dense = None
         if ctx.use_csr:
             a = ctx.a

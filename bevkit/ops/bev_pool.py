@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from bevkit.ops._scatter import csr_supported, weighted_scatter
-from bevkit.ops.dispatch import backend_for, log_once, mx_driving, optional_import
+from bevkit.ops.dispatch import backend_for, log_once, mx_driving, on_cuda, optional_import
 
 OP = "bev_pool_v2"
 
@@ -96,12 +96,13 @@ def bev_pool_v2(depth: torch.Tensor, feat: torch.Tensor, ranks_depth: torch.Tens
     elif backend == "cuda":
         mod = optional_import("mmdet3d.ops.bev_pool_v2.bev_pool")
         kernel = getattr(mod, "bev_pool_v2", None)
-        if kernel is not None:
+        if kernel is not None and on_cuda(feat, OP):
             if interval_starts is None:
                 interval_starts, interval_lengths = compute_intervals(ranks_bev)
             return kernel(depth, feat, ranks_depth, ranks_feat, ranks_bev, list(shape),
                           interval_starts, interval_lengths)
-        log_once(OP, "FB-BEV's compiled bev_pool_v2_ext is not importable; using the portable code")
+        if kernel is None:
+            log_once(OP, "FB-BEV's compiled bev_pool_v2_ext is not importable; using the portable code")
     return _portable(depth, feat, ranks_depth, ranks_feat, ranks_bev, shape, interval_starts is not None)
 
 

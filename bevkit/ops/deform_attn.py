@@ -17,8 +17,8 @@ Backends:
   of 8 (exact; the padding is cut off), and heads, channel blocks and points are split into calls whose outputs
   are concatenated (heads, channels) or summed (points).
 * cuda: mmcv's compiled ``MultiScaleDeformableAttnFunction`` when importable.
-* portable: ``F.grid_sample`` per level with the weighted sum fused per level (mmcv's pure-PyTorch formulation
-  without its stacking copy); the depth weighting reads only the anchor's own depth bin (4 bilinear taps of one
+* portable: ``F.grid_sample`` per level (mmcv's pure-PyTorch formulation) laid out points-before-queries so the
+  weighted sum runs over contiguous rows, and without mmcv's stacking copy; the depth weighting reads only the anchor's own depth bin (4 bilinear taps of one
   channel instead of sampling all D channels and taking a one-hot dot product).
 
 Precision: inputs are computed in float32 (float64 stays float64), like FB-OCC's ``_fp32`` kernels and
@@ -32,7 +32,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from bevkit.ops.dispatch import backend_for, log_once, mx_driving, optional_import
+from bevkit.ops.dispatch import backend_for, log_once, mx_driving, on_cuda, optional_import
 
 OP = "multi_scale_deformable_attn"
 OP_DEPTH = "depth_weighted_deformable_attn"
@@ -93,11 +93,13 @@ def multi_scale_deformable_attn(value: torch.Tensor, spatial_shapes: torch.Tenso
     elif backend == "cuda":
         mod = optional_import("mmcv.ops.multi_scale_deform_attn")
         fn = getattr(mod, "MultiScaleDeformableAttnFunction", None)
-        if fn is not None:
+        if fn is None:
+            log_once(OP, "mmcv's compiled MultiScaleDeformableAttnFunction is not importable; using the portable "
+                         "code")
+        elif on_cuda(value, OP):
             cd = _compute_dtype(value)
             return fn.apply(value.to(cd), spatial_shapes, level_start_index, sampling_locations.to(cd),
                             attention_weights.to(cd), im2col_step)
-        log_once(OP, "mmcv's compiled MultiScaleDeformableAttnFunction is not importable; using the portable code")
     return _portable(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
@@ -119,15 +121,17 @@ def _portable(value, spatial_shapes, level_start_index, sampling_locations, atte
         return value.new_zeros(bs, nq, nh * dh, dtype=cd)
     # [bs*nh, dh, keys]: one copy of value into grid_sample's channel-first layout.
     v = value.to(cd).permute(0, 2, 3, 1).reshape(bs * nh, dh, num_keys)
+    # Points before queries ([.., P, nq]): the weighted sum over points then runs over contiguous query rows, which
+    # is much faster than mmcv's reduction over a trailing size-P axis.
     # grid in [-1, 1] with align_corners=False is exactly the pixel (x*W - 0.5, y*H - 0.5) of the kernel.
-    grids = (sampling_locations.to(cd).permute(0, 2, 1, 3, 4, 5) * 2 - 1).contiguous()
-    weights = attention_weights.to(cd).permute(0, 2, 1, 3, 4)
+    grids = sampling_locations.to(cd).permute(0, 2, 3, 4, 1, 5).contiguous() * 2 - 1  # [bs, nh, L, P, nq, 2]
+    weights = attention_weights.to(cd).permute(0, 2, 3, 4, 1)  # [bs, nh, L, P, nq]
     out = None
     for lvl, (h, w, start) in enumerate(levels):
         v_l = v[:, :, start:start + h * w].reshape(bs * nh, dh, h, w)
-        g_l = grids[:, :, :, lvl].reshape(bs * nh, nq, npt, 2)
+        g_l = grids[:, :, lvl].reshape(bs * nh, npt, nq, 2)
         sampled = F.grid_sample(v_l, g_l, mode="bilinear", padding_mode="zeros", align_corners=False)
-        o_l = (sampled * weights[:, :, :, lvl].reshape(bs * nh, 1, nq, npt)).sum(-1)  # [bs*nh, dh, nq]
+        o_l = (sampled * weights[:, :, lvl].reshape(bs * nh, 1, npt, nq)).sum(2)  # [bs*nh, dh, nq]
         out = o_l if out is None else out + o_l
     return out.view(bs, nh * dh, nq).transpose(1, 2).contiguous()
 
@@ -274,7 +278,8 @@ def depth_weighted_deformable_attn(value: torch.Tensor, spatial_shapes: torch.Te
             upstream builds them from ``reference_points[:, :, None, None, None, :, :] + offsets``.
         attention_weights: [bs, nq, num_heads, num_levels, P], already softmax-normalised.
         depth_prob: [bs, H0*W0, D] predicted depth distribution (upstream ``pred_img_depth``).
-        reference_points: [bs, nq, Z, 2] normalised (x, y) image reference point of every Z anchor.
+        reference_points: [bs, nq, Z, 2] normalised (x, y) image reference point of every Z anchor (upstream's
+            broadcast view [bs, nq, 1, 1, 1, Z, 2] is accepted too).
         depth_bins: the anchor's depth bin: [bs, nq, Z] integer bin indices, or upstream's
             ``bev_query_depth`` one-hot [bs, nq, Z, D] (integer; float values are used as soft weights).
         im2col_step: forwarded to mmcv's CUDA kernel.
@@ -286,6 +291,8 @@ def depth_weighted_deformable_attn(value: torch.Tensor, spatial_shapes: torch.Te
     """
     _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, OP_DEPTH)
     bs, nq, nh, nl, npt, _ = sampling_locations.shape
+    if reference_points.dim() == 7 and reference_points.shape[2:5] == (1, 1, 1):
+        reference_points = reference_points.reshape(bs, nq, -1, 2)  # upstream's [bs, nq, 1, 1, 1, Z, 2] view
     nz = reference_points.shape[2] if reference_points.dim() == 4 else -1
     if nz <= 0 or npt % nz or tuple(reference_points.shape[:2]) != (bs, nq):
         raise ValueError(f"{OP_DEPTH}: reference_points must be [bs={bs}, nq={nq}, Z, 2] with Z dividing the "
@@ -297,3 +304,18 @@ def depth_weighted_deformable_attn(value: torch.Tensor, spatial_shapes: torch.Te
     return multi_scale_deformable_attn(value, spatial_shapes, level_start_index, sampling_locations, weighted,
                                        im2col_step)
 
+
+
+def multi_scale_deformable_attn_pytorch(value: torch.Tensor, value_spatial_shapes: torch.Tensor,
+                                        sampling_locations: torch.Tensor,
+                                        attention_weights: torch.Tensor) -> torch.Tensor:
+    """Drop-in for mmcv's ``multi_scale_deformable_attn_pytorch`` (same signature; returns value's dtype).
+
+    A runtime patch can rebind ``mmcv.ops.multi_scale_deform_attn.multi_scale_deformable_attn_pytorch`` to this:
+    mmcv's ``MultiScaleDeformableAttention`` calls it whenever the value is not a CUDA tensor, and it dispatches
+    like every bevkit op (mx_driving on NPU, portable on CPU).
+    """
+    shapes = value_spatial_shapes
+    starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
+    out = multi_scale_deformable_attn(value, shapes, starts, sampling_locations, attention_weights)
+    return out.to(value.dtype)

@@ -121,3 +121,11 @@ def mx_driving(op: str):
 def real_device(tensor) -> str:
     """The tensor's actual device type, ignoring device emulation (mmcv kernels need real NPU/CUDA memory)."""
     return tensor.device.type
+
+
+def on_cuda(tensor, op: str) -> bool:
+    """True when a compiled CUDA kernel can take ``tensor``; a forced 'cuda' backend on other memory is logged."""
+    if real_device(tensor) == "cuda":
+        return True
+    log_once(op, f"cuda backend chosen for a {real_device(tensor)} tensor; using the portable code")
+    return False

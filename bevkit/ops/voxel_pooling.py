@@ -29,7 +29,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from bevkit.ops._scatter import CHUNK_ELEMENTS, csr_supported, weighted_scatter
-from bevkit.ops.dispatch import backend_for, log_once, mx_driving, optional_import
+from bevkit.ops.dispatch import backend_for, log_once, mx_driving, on_cuda, optional_import
 
 OP_TRAIN = "voxel_pooling_train"
 OP_INFER = "voxel_pooling_inference"
@@ -128,9 +128,11 @@ def voxel_pooling_train(geom_xyz: torch.Tensor, features: torch.Tensor, voxel_nu
     elif backend == "cuda":
         mod = optional_import("bevdepth.ops.voxel_pooling_train")
         kernel = getattr(mod, "voxel_pooling_train", None)
-        if kernel is not None:
+        if kernel is None:
+            log_once(OP_TRAIN, "BEVDepth's compiled voxel_pooling_train_ext is not importable; using the portable "
+                               "code")
+        elif on_cuda(features, OP_TRAIN):
             return kernel(geom.to(torch.int32).contiguous(), feats.contiguous(), [nx, ny, nz])
-        log_once(OP_TRAIN, "BEVDepth's compiled voxel_pooling_train_ext is not importable; using the portable code")
     return _portable_train(geom, feats, nx, ny, nz)
 
 
@@ -225,11 +227,12 @@ def voxel_pooling_inference(geom_xyz: torch.Tensor, depth: torch.Tensor, context
     elif backend == "cuda":
         mod = optional_import("bevdepth.ops.voxel_pooling_inference")
         kernel = getattr(mod, "voxel_pooling_inference", None)
-        if kernel is not None:
+        if kernel is None:
+            log_once(OP_INFER, "BEVDepth's compiled voxel_pooling_inference_ext is not importable; "
+                               "using the portable code")
+        elif on_cuda(context, OP_INFER):
             return kernel(geom.to(torch.int32).contiguous(), depth.contiguous(), context.contiguous(),
                           [nx, ny, nz])
-        log_once(OP_INFER, "BEVDepth's compiled voxel_pooling_inference_ext is not importable; "
-                           "using the portable code")
     return _portable_inference(geom, depth, context, nx, ny, nz)
 
 
