@@ -175,6 +175,34 @@ def _dp_factory(original):
     return make
 
 
+class _TorchWithRunDevice:
+    """The ``torch`` module as seen by one upstream module, with tensor factories' device='cuda' mapped to the
+    device collectives use (gloo: CPU; hccl: npu). Everything else is torch itself."""
+
+    _FACTORIES = ("full", "tensor", "zeros", "ones", "empty", "arange")
+
+    def __init__(self, base):
+        self._base = base
+
+    def __getattr__(self, name):
+        attr = getattr(self._base, name)
+        if name not in self._FACTORIES:
+            return attr
+
+        @functools.wraps(attr)
+        def factory(*args, **kwargs):
+            device = kwargs.get('device')
+            if device is not None and str(device).split(':')[0] == 'cuda':
+                kwargs['device'] = runtime.collective_device()
+            return attr(*args, **kwargs)
+
+        return factory
+
+
+def _torch_with_run_device(original):
+    return _TorchWithRunDevice(original)
+
+
 class _AutocastOff:
     """``autocast(enabled=False)`` for the run's device (upstream disables only CUDA autocast)."""
 
@@ -332,19 +360,10 @@ def _da_msda_forward(original):
         locations = (reference_points[:, :, None, None, None, :, :] + offsets).view(
             bs, num_query, heads, levels, points, 2)
 
-        # p(depth bin of each anchor) at its projection into the predicted depth distribution
-        depth_locations = reference_points.reshape(bs, num_query * anchors, 1, 1, 1, 2).contiguous()
-        depth_attn = depth_locations.new_ones(bs, num_query * anchors, 1, 1, 1)
-        sampled = ops.multi_scale_deformable_attn(
-            pred_img_depth.unsqueeze(2).contiguous(), spatial_shapes[0:1], level_start_index[0:1],
-            depth_locations, depth_attn)
-        p_bin = (sampled.view(bs, num_query, anchors, -1) * bev_query_depth).sum(-1)
-        p_bin = p_bin[:, :, None, :].expand(bs, num_query, points // anchors, anchors).reshape(
-            bs, num_query, points)
-        weights = weights * p_bin[:, :, None, None, :]
-
-        output = ops.multi_scale_deformable_attn(value, spatial_shapes, level_start_index,
-                                                 locations.contiguous(), weights.contiguous())
+        # p(depth bin of each anchor) at its projection, times the softmaxed weights of that anchor's points
+        output = ops.depth_weighted_deformable_attn(
+            value, spatial_shapes, level_start_index, locations.contiguous(), weights.contiguous(),
+            pred_img_depth, reference_points, bev_query_depth, self.im2col_step)
         if not self.batch_first:
             output = output.permute(1, 0, 2)
         return output
@@ -583,6 +602,9 @@ PATCHES = PatchSet("fbocc", [
     RuntimePatch("fbocc-sampler-seed-sync", f"{SAMPLER}:sync_random_seed",
                  lambda orig: _with_device(orig), devices=NO_CUDA,
                  why="The group-each-sample sampler syncs its seed via dist.broadcast of a 'cuda' tensor."),
+    RuntimePatch("fbocc-eval-collect-device", "mmdet3d.apis.test:torch", _torch_with_run_device,
+                 devices=NO_CUDA,
+                 why="custom_multi_gpu_test's collect_results_cpu broadcasts its temp-dir name in 'cuda' tensors."),
     RuntimePatch("fbocc-model-placement", f"{DETECTOR}:FBOCC.cuda", _module_cuda, devices=NO_CUDA,
                  why="apis/train.py and tools/test.py place the model with model.cuda(): it goes to the run's "
                      "device (npu:LOCAL_RANK or cpu) instead."),

@@ -1,0 +1,70 @@
+"""bevkit.compat (patch set 'common'): torchvision on a CPU torch, numpy aliases, mmcv version import guard."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_torchvision_imports_after_shim_in_fresh_process():
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:  # importing it here could fail: that is the point
+        pytest.skip("torchvision is not installed")
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "from bevkit import compat\n"
+            "needed = compat.ensure_torchvision_importable()\n"
+            "import torch, torchvision\n"
+            "out = torchvision.models.resnet18().eval()(torch.randn(1, 3, 64, 64))\n"
+            "print(needed, tuple(out.shape))\n" % str(REPO))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    needed, shape = proc.stdout.split(maxsplit=1)
+    assert shape.strip() == "(1, 1000)"
+    assert needed in ("True", "False")
+
+
+def test_numpy_alias_patch_applies_and_undoes():
+    import numpy as np
+
+    from bevkit.compat import PATCHES
+
+    had_bool = hasattr(np, "bool") and np.__dict__.get("bool") is not None
+    PATCHES.apply("cpu")
+    try:
+        assert np.int is int and np.float is float and np.bool is bool and np.long is int
+        with pytest.raises(AttributeError):
+            np.definitely_not_an_attribute  # noqa: B018 - delegation to numpy's own __getattr__
+    finally:
+        PATCHES.undo()
+    if not had_bool:
+        with pytest.raises(AttributeError):
+            np.float  # noqa: B018
+
+
+def test_get_stream_patch_converts_indices(monkeypatch):
+    from bevkit import compat
+
+    seen = []
+    monkeypatch.setenv("BEVKIT_DEVICE", "cuda")
+    monkeypatch.setattr(compat, "_torch_at_least", lambda *_: True)
+    wrapped = compat._get_stream(lambda device: seen.append(device) or "stream")
+    assert wrapped(-1) is None and seen == []
+    assert wrapped(3) == "stream"
+    assert str(seen[0]) == "cuda:3"
+
+
+def test_mmcv_version_as_restores(monkeypatch):
+    fake = types.ModuleType("mmcv")
+    fake.__version__ = "1.7.2"
+    monkeypatch.setitem(sys.modules, "mmcv", fake)
+    from bevkit.compat import mmcv_version_as
+
+    with mmcv_version_as("1.7.0"):
+        assert fake.__version__ == "1.7.0"
+    assert fake.__version__ == "1.7.2"
