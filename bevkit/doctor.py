@@ -270,7 +270,11 @@ def check_mmcv(profile: str, torch) -> Check:
         return Check("mmcv ops", PROBLEM, f"mmcv-full {have}, ops not checked (torch does not import)",
                      "fix torch first (row above)")
     try:
-        importlib.import_module("mmcv._ext")
+        import warnings
+
+        with warnings.catch_warnings():  # mmcv 1.x warns about its 2.0 renaming on every import
+            warnings.simplefilter("ignore")
+            importlib.import_module("mmcv._ext")
     except Exception as exc:  # noqa: BLE001
         return Check("mmcv ops", PROBLEM, f"mmcv-full {have} without loadable ops: {str(exc).splitlines()[0]}",
                      f"pip uninstall -y mmcv-full, then {fix}")
@@ -345,8 +349,8 @@ def run_checks(profile: str, models: Sequence[str] = MODEL_NAMES, upstream_dir: 
 
 
 def render(rows: Sequence[Check], profile: str) -> str:
-    w1 = max(len(r.name) for r in rows)
-    w2 = max(len(r.status) for r in rows)
+    w1 = max([len("check")] + [len(r.name) for r in rows])
+    w2 = max([len("status")] + [len(r.status) for r in rows])
     lines = [f"bevkit doctor (profile {profile})", f"{'check':<{w1}}  {'status':<{w2}}  detail",
              f"{'-' * w1}  {'-' * w2}  {'-' * 6}"]
     lines += [f"{r.name:<{w1}}  {r.status:<{w2}}  {r.detail}" for r in rows]
