@@ -161,5 +161,7 @@ def test_setup_materializes_both_upstreams_from_local_sources(tmp_path):
     for name in ("FB-BEV", "BEVDepth"):
         st = upstream.status(name, tmp_path / name)
         assert st.ok and st.state == "patched", st.problems
-    proc = run(*args, timeout=600)  # again: recognised, nothing re-applied
-    assert proc.returncode == 0 and "already applied" in proc.stdout or "no kit patches" in proc.stdout
+    proc = run(*args, timeout=600)  # again: recognised, nothing re-applied or re-cloned
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "cloned" not in proc.stdout and "upstream FB-BEV: applied" not in proc.stdout
+    assert "upstream FB-BEV: no kit patches" in proc.stdout or "upstream FB-BEV: 1 patch(es) already applied" in proc.stdout
