@@ -1,6 +1,7 @@
 """Portable bevkit.ops against independent, obviously-correct references (loops / dense one-hot math, float64)."""
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -84,9 +85,10 @@ def test_bev_pool_v2_upstream_vector():
     dict(seed=5, unique_depth=False, c=13),  # repeated depth index, C not a multiple of 8
 ])
 def test_bev_pool_v2_matches_reference(case, strategy, monkeypatch):
+    monkeypatch.setattr(_scatter, "CHUNK_ELEMENTS", 16)  # several chunks / row blocks even on tiny inputs
+    monkeypatch.setattr(_scatter, "BLOCK_ELEMENTS", 16)
     if strategy == "chunked":
         monkeypatch.setattr(bev_pool_mod, "csr_supported", lambda t: False)
-        monkeypatch.setattr(_scatter, "CHUNK_ELEMENTS", 16)  # several chunks even on tiny inputs
     depth, feat, rd, rf, rb, shape = random_bev_case(**case)
     depth.requires_grad_(), feat.requires_grad_()
     intervals = ops.compute_intervals(rb) if case.get("sort", True) else (None, None)
@@ -113,6 +115,7 @@ def test_bev_pool_v2_half_inputs_are_computed_in_float32():
 
 @pytest.mark.parametrize("strategy", ["csr", "chunked"])
 def test_bev_pool_v2_gradcheck(strategy, monkeypatch):
+    monkeypatch.setattr(_scatter, "BLOCK_ELEMENTS", 6)
     if strategy == "chunked":
         monkeypatch.setattr(bev_pool_mod, "csr_supported", lambda t: False)
     depth, feat, rd, rf, rb, shape = random_bev_case(7, b=1, n=1, d=2, h=2, w=2, c=3, grid=(1, 2, 2), p=6,
@@ -540,8 +543,21 @@ def test_deform_conv2d_gradcheck_and_bias():
                                     tuple(t.requires_grad_() for t in (inp, offset, weight)))
 
 
+def import_mmcv(name):
+    """An mmcv-full module, or skip (mmcv missing, or its imports failing on this machine)."""
+    try:
+        from bevkit.compat import prepare_imports  # torchvision's compiled ops may need a shim first
+        prepare_imports()
+    except ImportError:
+        pass
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:  # ImportError, or torchvision/mmcv failing at import
+        pytest.skip(f"needs mmcv-full with compiled ops ({name}: {type(exc).__name__}: {exc})")
+
+
 def test_deform_conv2d_matches_mmcv_compiled_cpu_kernel():
-    mod = pytest.importorskip("mmcv.ops.deform_conv", reason="needs mmcv-full with compiled ops (_ext)")
+    mod = import_mmcv("mmcv.ops.deform_conv")
     inp, offset, weight, kw = deform_case(2, n=2, cin=4, cout=4, groups=2, dg=2)
     inp, offset, weight = (t.float().requires_grad_() for t in (inp, offset, weight))
     ours = ops.deform_conv2d(inp, offset, weight, **kw)
@@ -555,7 +571,7 @@ def test_deform_conv2d_matches_mmcv_compiled_cpu_kernel():
 
 
 def test_msda_matches_mmcv_pytorch_fallback():
-    mod = pytest.importorskip("mmcv.ops.multi_scale_deform_attn", reason="needs mmcv-full")
+    mod = import_mmcv("mmcv.ops.multi_scale_deform_attn")
     value, shapes, starts, loc, attn = msda_case(3, bs=2, nq=5, nh=2, dh=4)
     torch.testing.assert_close(ops.multi_scale_deformable_attn(value, shapes, starts, loc, attn),
                                mod.multi_scale_deformable_attn_pytorch(value, shapes, loc, attn))

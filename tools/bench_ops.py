@@ -214,7 +214,16 @@ def lss_voxel_pooling(geom, feats, voxel_num):
     return out.view(b, ny, nx, c).permute(0, 3, 1, 2)
 
 
+def _prepare_mmcv():
+    try:
+        from bevkit.compat import prepare_imports  # torchvision's compiled ops may need a shim first
+        prepare_imports()
+    except ImportError:
+        pass
+
+
 def mmcv_msda():
+    _prepare_mmcv()
     try:
         from mmcv.ops.multi_scale_deform_attn import multi_scale_deformable_attn_pytorch
         return multi_scale_deformable_attn_pytorch
@@ -264,7 +273,7 @@ def _run(fn, inputs, grad_inputs, backward):
     if backward:
         out = fn(*leaves)
         g = _grad_for(out)
-        grads = torch.autograd.grad(out, [leaves[i] for i in grad_inputs], g)
+        grads = torch.autograd.grad(out, [leaves[i] for i in grad_inputs], g, allow_unused=True)
         return out, grads
     with torch.no_grad():
         return fn(*leaves), ()
@@ -280,19 +289,26 @@ def _grad_for(out):
     return _GRADS[key]
 
 
-def measure(fn, inputs, grad_inputs, backward, repeat, warmup=1):
-    for _ in range(warmup):
-        _run(fn, inputs, grad_inputs, backward)
-    if backward:
-        _grad_for(_run(fn, inputs, grad_inputs, False)[0])  # pre-build the output gradient outside the timing
-    times = []
+def time_interleaved(impls, backward, repeat, warmup=1):
+    """Median wall time of each impl; the impls take turns in every round, so a busy machine hurts all alike."""
+    for fn, inputs, grad_inputs in impls:
+        for _ in range(warmup):
+            _run(fn, inputs, grad_inputs, backward)
+        if backward:
+            _grad_for(_run(fn, inputs, grad_inputs, False)[0])  # build the output gradient outside the timing
+    times = [[] for _ in impls]
     for _ in range(repeat):
-        gc.collect()
-        t0 = time.perf_counter()
-        res = _run(fn, inputs, grad_inputs, backward)
-        times.append((time.perf_counter() - t0) * 1000.0)
-        del res
-    # Memory: torch allocator events under the profiler, and sampled RSS.
+        for i, (fn, inputs, grad_inputs) in enumerate(impls):
+            gc.collect()
+            t0 = time.perf_counter()
+            res = _run(fn, inputs, grad_inputs, backward)
+            times[i].append((time.perf_counter() - t0) * 1000.0)
+            del res
+    return [(round(statistics.median(t), 2), round(min(t), 2)) for t in times]
+
+
+def memory(fn, inputs, grad_inputs, backward):
+    """Peak growth of torch's CPU allocations (profiler events) and of the sampled RSS during one call."""
     gc.collect()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         out, grads = _run(fn, inputs, grad_inputs, backward)
@@ -320,8 +336,7 @@ def measure(fn, inputs, grad_inputs, backward, repeat, warmup=1):
     stop.set()
     th.join()
     del res
-    return dict(median_ms=round(statistics.median(times), 2), min_ms=round(min(times), 2),
-                peak_mb=round(peak / MB, 2), peak_rss_mb=round((max(samples) - base) / MB, 2),
+    return dict(peak_mb=round(peak / MB, 2), peak_rss_mb=round((max(samples) - base) / MB, 2),
                 result_mb=round(result_bytes / MB, 2), peak_extra_mb=round(max(0, peak - result_bytes) / MB, 2))
 
 
@@ -433,6 +448,7 @@ def cases(selected, quick):
         note = dict(input=list(x.shape), groups=4)
         out.append(("deform_conv2d", "bevkit-portable", True,
                     lambda i, o, w: ops.deform_conv2d(i, o, w, 1, 1, 1, 4, 1), args, [0, 1, 2], note))
+        _prepare_mmcv()
         try:
             from mmcv.ops.deform_conv import deform_conv2d as mmcv_dcn
             out.append(("deform_conv2d", "mmcv-compiled-cpu", False,
@@ -456,20 +472,29 @@ def main(argv=None):
     _pin_malloc()
     selected = {s.strip() for s in args.ops.split(",") if s.strip()}
     records = []
+    groups = {}
+    for case in cases(selected, args.quick):
+        groups.setdefault(case[0], []).append(case)
     with ops.force_backend("portable"):
-        for op, impl, ours, fn, inputs, grad_inputs, note in cases(selected, args.quick):
-            passes = ["fwd"] + (["fwd_bwd"] if grad_inputs else [])
-            for p in passes:
-                m = measure(fn, inputs, grad_inputs or [], p == "fwd_bwd", args.repeat)
-                in_mb = _nbytes(inputs) / MB
-                rec = dict(op=op, **{"pass": p}, impl=impl, median_ms=m["median_ms"], peak_mb=m["peak_mb"],
-                           min_ms=m["min_ms"], peak_rss_mb=m["peak_rss_mb"], input_mb=round(in_mb, 2),
-                           result_mb=m["result_mb"], peak_extra_mb=m["peak_extra_mb"],
-                           extra_vs_inputs=round(m["peak_extra_mb"] / in_mb, 3) if in_mb else None,
-                           baseline=ours is False, **note)
-                records.append(rec)
-                print(f"# {op:32s} {p:7s} {impl:48s} {m['median_ms']:9.1f} ms  peak {m['peak_mb']:8.1f} MB",
-                      file=sys.stderr, flush=True)
+        for op, group in groups.items():
+            for p in ("fwd", "fwd_bwd"):
+                group_p = [c for c in group if p == "fwd" or c[5]]
+                if not group_p:
+                    continue
+                backward = p == "fwd_bwd"
+                timings = time_interleaved([(c[3], c[4], c[5] or []) for c in group_p], backward, args.repeat)
+                for (op_, impl, ours, fn, inputs, grad_inputs, note), (median, best) in zip(group_p, timings):
+                    m = memory(fn, inputs, grad_inputs or [], backward)
+                    in_mb = _nbytes(inputs) / MB
+                    rec = dict(op=op, **{"pass": p}, impl=impl, median_ms=median, peak_mb=m["peak_mb"],
+                               min_ms=best, peak_rss_mb=m["peak_rss_mb"], input_mb=round(in_mb, 2),
+                               result_mb=m["result_mb"], peak_extra_mb=m["peak_extra_mb"],
+                               extra_vs_inputs=round(m["peak_extra_mb"] / in_mb, 3) if in_mb else None,
+                               baseline=ours is False, **note)
+                    records.append(rec)
+                    print(f"# {op:32s} {p:7s} {impl:48s} {median:9.1f} ms  peak {m['peak_mb']:8.1f} MB  "
+                          f"extra {m['peak_extra_mb']:8.1f} MB  rss {m['peak_rss_mb']:8.1f} MB",
+                          file=sys.stderr, flush=True)
     for rec in records:
         if rec["baseline"]:
             continue

@@ -22,6 +22,8 @@ from torch.autograd.function import once_differentiable
 
 #: Elements per chunk of the chunked strategy (bounds its temporaries to ~16 MB of float32).
 CHUNK_ELEMENTS = 1 << 22
+#: Output elements per CSR row block (bounds the CSR path's temporaries to ~2 MB of float32).
+BLOCK_ELEMENTS = 1 << 19
 
 _sddmm_ok: Optional[bool] = None
 
@@ -47,14 +49,18 @@ def _crow(keys: torch.Tensor, nrows: int) -> torch.Tensor:
 
 def _csr(crow, col, vals, shape):
     idt = _index_dtype(max(vals.numel(), shape[1]))
+    return _csr_raw(crow.to(idt), col.to(idt), vals, shape)
+
+
+def _csr_raw(crow, col, vals, shape):
     with warnings.catch_warnings():
         # torch warns that CSR support is "beta"; we rely only on its stable core (CSR @ dense, sampled_addmm).
         warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow.to(idt), col.to(idt), vals, shape, check_invariants=False)
+        return torch.sparse_csr_tensor(crow, col, vals, shape, check_invariants=False)
 
 
-def _sddmm(a: torch.Tensor, left: torch.Tensor, right: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
-    """Per non-zero k of CSR ``a``: <left[rows[k]], right[cols[k]]>."""
+def _sddmm(a: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Per non-zero k = (i, j) of CSR ``a``: <left[i], right[j]>."""
     global _sddmm_ok
     if _sddmm_ok is not False:
         try:
@@ -63,7 +69,9 @@ def _sddmm(a: torch.Tensor, left: torch.Tensor, right: torch.Tensor, rows: torch
             return out
         except (RuntimeError, NotImplementedError):  # older torch without CPU SDDMM
             _sddmm_ok = False
-    return _chunked_dot(left, right, rows, cols)
+    crow = a.crow_indices().long()
+    rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff())
+    return _chunked_dot(left, right, rows, a.col_indices().long())
 
 
 def _chunked_dot(left, right, rows, cols):
@@ -77,72 +85,97 @@ def _chunked_dot(left, right, rows, cols):
 
 
 class WeightedScatter(torch.autograd.Function):
-    """out[n_out, C] with out[dst[k]] += vals[k] * dense[src[k]]; differentiable in vals and dense.
+    """out[B, C, cells] (channels first; row r = b * cells + cell) with out.row(dst[k]) += vals[k] * dense[src[k]].
 
-    ``order``: 'dst' when dst is non-decreasing, 'src' when src is non-decreasing, None otherwise.
-    dst/src are int64. Points whose dst equals n_out are dropped (a trash row, cut off before returning).
+    Differentiable in vals and dense. ``order``: 'dst' when dst is non-decreasing, 'src' when src is
+    non-decreasing, None otherwise. dst/src are int64; a point whose dst equals B * cells is dropped (trash row).
+
+    With order 'dst' on CPU the output is produced in blocks of rows (CSR row slices), each transposed straight
+    into its channels-first place: no [rows, C] buffer of the whole output, and no P x C temporaries.
     """
 
     @staticmethod
-    def forward(ctx, vals, dense, dst, src, n_out: int, order: Optional[str]):
-        n_src = dense.shape[0]
+    def forward(ctx, vals, dense, dst, src, batch: int, cells: int, order: Optional[str]):
+        n_out, n_src, c = batch * cells, dense.shape[0], dense.shape[1]
         use_csr = order in ("dst", "src") and csr_supported(dense) and vals.dtype == dense.dtype
-        ctx.n_out, ctx.n_src, ctx.use_csr, ctx.order = n_out, n_src, use_csr, order
-        if use_csr:
-            if order == "dst":
-                a = _csr(_crow(dst, n_out + 1), src, vals, (n_out + 1, n_src))
-                out = a @ dense
-            else:
-                a = _csr(_crow(src, n_src), dst, vals, (n_src, n_out + 1))
-                out = a.t() @ dense
-            ctx.a = a
+        ctx.shape, ctx.use_csr, ctx.order = (batch, cells, c), use_csr, order
+        if use_csr and order == "dst":
+            crow = _crow(dst, n_out + 1).to(_index_dtype(max(vals.numel(), n_src)))
+            col = src.to(crow.dtype)
+            out = dense.new_empty(batch, c, cells)
+            for b, c0, c1, a in _row_blocks(crow, col, vals, batch, cells, c, n_src):
+                out[b, :, c0:c1] = (a @ dense).t()
+            ctx.crow, ctx.col = crow, col
         else:
-            out = dense.new_zeros(n_out + 1, dense.shape[1])
-            step = max(1, CHUNK_ELEMENTS // max(1, dense.shape[1]))
-            for s in range(0, dst.numel(), step):
-                e = min(dst.numel(), s + step)
-                out.index_add_(0, dst[s:e], dense.index_select(0, src[s:e]) * vals[s:e, None])
+            if use_csr:
+                a = _csr(_crow(src, n_src), dst, vals, (n_src, n_out + 1))
+                rows = a.t() @ dense
+                ctx.a = a
+            else:
+                rows = dense.new_zeros(n_out + 1, c)
+                step = max(1, CHUNK_ELEMENTS // max(1, c))
+                for s in range(0, dst.numel(), step):
+                    e = min(dst.numel(), s + step)
+                    rows.index_add_(0, dst[s:e], dense.index_select(0, src[s:e]) * vals[s:e, None])
+            out = rows[:n_out].view(batch, cells, c).permute(0, 2, 1).contiguous()
         ctx.save_for_backward(vals, dense, dst, src)
-        return out[:n_out]
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         vals, dense, dst, src = ctx.saved_tensors
-        # One copy into [n_out + 1, C] (the trash row gets zero gradient); grad_out often arrives transposed.
-        g = grad_out.new_empty(ctx.n_out + 1, grad_out.shape[1])
-        g[:ctx.n_out].copy_(grad_out)
-        g[ctx.n_out].zero_()
-        grad_vals = grad_dense = None
-        if ctx.use_csr:
-            a = ctx.a
-            if ctx.order == "dst":
-                if ctx.needs_input_grad[1]:
-                    grad_dense = a.t() @ g
-                if ctx.needs_input_grad[0]:
-                    grad_vals = _sddmm(a, g, dense, dst, src)
-            else:
-                if ctx.needs_input_grad[1]:
-                    grad_dense = a @ g
-                if ctx.needs_input_grad[0]:
-                    grad_vals = _sddmm(a, dense, g, src, dst)
+        batch, cells, c = ctx.shape
+        n_out = batch * cells
+        want_vals, want_dense = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_vals = torch.empty_like(vals) if want_vals else None
+        grad_dense = torch.zeros_like(dense) if want_dense else None
+        if ctx.use_csr and ctx.order == "dst":
+            for b, c0, c1, a in _row_blocks(ctx.crow, ctx.col, vals, batch, cells, c, dense.shape[0]):
+                g = grad_out[b, :, c0:c1].t().contiguous()
+                if want_dense:
+                    grad_dense += a.t() @ g
+                if want_vals:
+                    k0 = int(ctx.crow[b * cells + c0])
+                    grad_vals[k0:k0 + a._nnz()] = _sddmm(a, g, dense)
+            return grad_vals, grad_dense, None, None, None, None, None
+        # Rows layout [n_out + 1, C] with a zero trash row: one copy of the (channels-first) gradient.
+        g = grad_out.new_empty(n_out + 1, c)
+        g[:n_out].view(batch, cells, c).copy_(grad_out.permute(0, 2, 1))
+        g[n_out].zero_()
+        if ctx.use_csr:  # order 'src'
+            if want_dense:
+                grad_dense = ctx.a @ g
+            if want_vals:
+                grad_vals = _sddmm(ctx.a, dense, g)
         else:
-            if ctx.needs_input_grad[1]:
-                grad_dense = torch.zeros_like(dense)
-            if ctx.needs_input_grad[0]:
-                grad_vals = torch.empty_like(vals)
-            step = max(1, CHUNK_ELEMENTS // max(1, dense.shape[1]))
+            step = max(1, CHUNK_ELEMENTS // max(1, c))
             for s in range(0, dst.numel(), step):
                 e = min(dst.numel(), s + step)
                 gk = g.index_select(0, dst[s:e])
-                if grad_vals is not None:
+                if want_vals:
                     grad_vals[s:e] = (gk * dense.index_select(0, src[s:e])).sum(1)
-                if grad_dense is not None:
+                if want_dense:
                     grad_dense.index_add_(0, src[s:e], gk * vals[s:e, None])
-        return grad_vals, grad_dense, None, None, None, None
+        return grad_vals, grad_dense, None, None, None, None, None
+
+
+def _row_blocks(crow, col, vals, batch, cells, c, n_src):
+    """(b, cell0, cell1, CSR block of rows b*cells+cell0 .. b*cells+cell1) in blocks of ~CHUNK_ELEMENTS outputs."""
+    step = max(1, min(cells, BLOCK_ELEMENTS // max(1, c)))
+    starts = [(b, c0) for b in range(batch) for c0 in range(0, cells, step)]
+    rows = torch.tensor([b * cells + c0 for b, c0 in starts] + [batch * cells], dtype=torch.int64)
+    bounds = crow[rows].tolist()
+    for i, (b, c0) in enumerate(starts):
+        c1 = min(cells, c0 + step)
+        r0 = b * cells + c0
+        k0, k1 = bounds[i], bounds[i + 1]  # the next block starts where this one ends
+        sub_crow = crow[r0:r0 + (c1 - c0) + 1] - k0
+        yield b, c0, c1, _csr_raw(sub_crow, col[k0:k1], vals[k0:k1], (c1 - c0, n_src))
 
 
 def weighted_scatter(vals: torch.Tensor, dense: torch.Tensor, dst: torch.Tensor, src: torch.Tensor,
-                     n_out: int, order: Optional[str] = None) -> torch.Tensor:
-    """out[n_out, C]: out[dst[k]] += vals[k] * dense[src[k]] (dst == n_out drops a point). See module doc."""
-    return WeightedScatter.apply(vals, dense, dst, src, n_out, order)
+                     batch: int, cells: int, order: Optional[str] = None) -> torch.Tensor:
+    """out[batch, C, cells]: out.row(dst[k]) += vals[k] * dense[src[k]], row r = (r // cells, :, r % cells);
+    dst == batch * cells drops a point. See the module doc."""
+    return WeightedScatter.apply(vals, dense, dst, src, batch, cells, order)

@@ -121,8 +121,8 @@ def _portable(depth, feat, ranks_depth, ranks_feat, ranks_bev, shape, trusted_so
             perm = torch.argsort(rb, stable=True)
             rd, rf, rb = rd[perm], rf[perm], rb[perm]
             order = "dst"
-    rows = weighted_scatter(d.index_select(0, rd), f, rb, rf, b * z * y * x, order)
-    return rows.view(b, z, y, x, c).permute(0, 4, 1, 2, 3).contiguous()
+    out = weighted_scatter(d.index_select(0, rd), f, rb, rf, b, z * y * x, order)  # [B, C, Z*Y*X]
+    return out.view(b, c, z, y, x)
 
 
 def _npu(mx, depth, feat, ranks_depth, ranks_feat, ranks_bev, shape) -> Optional[torch.Tensor]:

@@ -195,8 +195,10 @@ def _bin_index(depth_bins: torch.Tensor, nz: int, op=OP_DEPTH):
         return None
     if depth_bins.dim() == 3:
         return depth_bins.long(), None
-    # F.one_hot output: the bin is the argmax; an all-zero row (no bin) gives weight 0, as the dot product would.
-    return depth_bins.argmax(-1), depth_bins.amax(-1)
+    # F.one_hot output: the bin is the argmax; the value there (0 for an all-zero row) scales the weight, exactly
+    # like the dot product with the one-hot row would.
+    idx = depth_bins.argmax(-1)
+    return idx, depth_bins.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
 
 
 def depth_weights(depth_prob: torch.Tensor, spatial_shape: Sequence[int], reference_points: torch.Tensor,
@@ -241,24 +243,24 @@ def depth_weights(depth_prob: torch.Tensor, spatial_shape: Sequence[int], refere
 
 
 def _depth_weights_gather(depth_prob, h, w, reference_points, idx, scale):
+    """Bilinear read of channel idx of depth_prob at the reference points: 4 taps, one gather."""
     bs, hw, nd = depth_prob.shape
     cd = _compute_dtype(depth_prob, reference_points)
     flat = depth_prob.to(cd).reshape(-1)
     x = reference_points[..., 0].to(cd) * w - 0.5
     y = reference_points[..., 1].to(cd) * h - 0.5
     x0, y0 = x.floor(), y.floor()
-    fx, fy = x - x0, y - y0
-    x0, y0 = x0.long(), y0.long()
-    idx = idx.clamp(0, nd - 1)
-    base = torch.arange(bs, device=flat.device).view(bs, 1, 1) * hw
-    out = None
-    for dy, wy in ((0, 1 - fy), (1, fy)):
-        for dx, wx in ((0, 1 - fx), (1, fx)):
-            xx, yy = x0 + dx, y0 + dy
-            inside = (xx >= 0) & (xx < w) & (yy >= 0) & (yy < h)
-            pix = base + yy.clamp(0, h - 1) * w + xx.clamp(0, w - 1)
-            tap = flat[pix * nd + idx] * (wx * wy * inside)
-            out = tap if out is None else out + tap
+    fx, fy = (x - x0).unsqueeze(-1), (y - y0).unsqueeze(-1)
+    dev = flat.device
+    xs = x0.long().unsqueeze(-1) + torch.tensor([0, 1, 0, 1], device=dev)  # taps (x0,y0) (x1,y0) (x0,y1) (x1,y1)
+    ys = y0.long().unsqueeze(-1) + torch.tensor([0, 0, 1, 1], device=dev)
+    wx = torch.cat([1 - fx, fx], -1).repeat(1, 1, 1, 2)
+    wy = torch.cat([1 - fy, fy], -1).repeat_interleave(2, -1)
+    inside = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
+    base = torch.arange(bs, device=dev).view(bs, 1, 1, 1) * hw
+    pix = base + ys.clamp(0, h - 1) * w + xs.clamp(0, w - 1)
+    taps = flat[pix * nd + idx.clamp(0, nd - 1).unsqueeze(-1)]
+    out = (taps * (wx * wy).masked_fill(~inside, 0)).sum(-1)
     return out if scale is None else out * scale.to(cd)
 
 

@@ -245,8 +245,8 @@ def _portable_inference(geom, depth, context, nx, ny, nz):
     vals = depth.reshape(b * ncam, d, h * w).transpose(1, 2).reshape(-1).to(acc)
     pixels = context.reshape(b * ncam, c, h * w).transpose(1, 2).reshape(-1, c).to(acc)
     src = torch.arange(b * ncam * h * w, device=geom.device).repeat_interleave(d)
-    rows = weighted_scatter(vals, pixels, idx, src, b * ny * nx, "src" if csr_supported(pixels) else None)
-    return rows.view(b, ny, nx, c).permute(0, 3, 1, 2).to(context.dtype)
+    out = weighted_scatter(vals, pixels, idx, src, b, ny * nx, "src" if csr_supported(pixels) else None)
+    return out.view(b, c, ny, nx).to(context.dtype)
 
 
 def _npu_inference(mx, geom, depth, context, nx, ny, nz) -> Optional[torch.Tensor]:
