@@ -365,7 +365,7 @@ def make_plan(args: argparse.Namespace, extra: Sequence[str], environ: Optional[
         refuse(f"checkpoint {checkpoint} does not exist (--checkpoint FILE)")
     max_steps = args.max_steps
     if max_steps is None and mode == "performance":
-        max_steps = getattr(spec, "performance_steps", None) or DEFAULT_PERFORMANCE_STEPS
+        max_steps = spec.performance_steps or DEFAULT_PERFORMANCE_STEPS
     if max_steps is not None and max_steps < 1:
         raise LaunchError(f"--max-steps must be >= 1, got {max_steps}")
     if args.warmup_steps is not None and args.warmup_steps < 0:

@@ -12,6 +12,8 @@ Contract between the launcher and the processes it starts (environment variables
 - ``BEVKIT_MODEL``, ``BEVKIT_MODE`` (full / performance / eval / smoke), ``BEVKIT_DEVICE`` (npu/cuda/cpu).
 - ``BEVKIT_MAX_STEPS``: when set, training stops after that many optimizer steps (performance runs).
 - ``BEVKIT_SAMPLES_PER_DEVICE``: batch per device, for samples-per-step accounting.
+- ``BEVKIT_DATA_ROOT``: the nuScenes-format data root (also read by the launcher as a default).
+- ``BEVKIT_WARMUP_STEPS``: steps excluded from the steady-state statistics (default: the first 10%).
 """
 from __future__ import annotations
 
@@ -56,6 +58,8 @@ class ModelSpec:
     configs: Dict[str, str] = field(default_factory=dict)
     #: LaunchRequest -> samples per device actually used (configs may override the reference batch)
     samples_per_device_for: Optional[Callable[[LaunchRequest], int]] = None
+    #: steps a performance run trains for (None: the launcher's default, 600 like the FB-OCC reference)
+    performance_steps: Optional[int] = None
 
     def batch_per_device(self, request: LaunchRequest) -> int:
         if self.samples_per_device_for is not None:
