@@ -83,7 +83,7 @@ UPSTREAMS: Dict[str, Upstream] = {
         url="https://github.com/Megvii-BaseDetection/BEVDepth.git",
         commit="d78c7b58b10b9ada940462ba83ab24d99cae5833",
         tree="acfcdd64d014088f7bcf61692ed45b73d6104f04",
-        patches=(),
+        patches=("bevdepth/bevdepth.patch",),
         src_env="BEVDEPTH_SRC", src_option="--bevdepth-src",
     ),
 }
