@@ -100,6 +100,19 @@ def _relpath(spec: SceneSpec, channel: str, k: int) -> str:
 _WORLDS: dict = {}
 
 
+def _tune_malloc():
+    """Keep freed image-sized buffers in the heap (glibc): the renderer allocates many
+    full-frame temporaries, and returning each to the OS costs ~20% in page faults.
+    Only for processes we own (workers, the CLI)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL('libc.so.6')
+        libc.mallopt(-3, 512 * 2**20)     # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1024 * 2**20)    # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):     # not glibc: nothing to tune
+        pass
+
+
 def _world(spec: SceneSpec):
     key = repr(spec)        # name, seed, sample count and image size
     if key not in _WORLDS:
@@ -115,11 +128,12 @@ def _render_sample(args):
     world, sensors = _world(spec)
     t = k * SAMPLE_DT
     centers = world.centers(t)
+    corners = W.all_box_corners(world, centers)
     views = {}
     visible = np.zeros(len(world.cls), np.int64)
     full = np.zeros(len(world.cls), np.int64)
     for cam in CAMERAS:
-        view = W.render_camera(world, t, sensors[cam], centers)
+        view = W.render_camera(world, t, sensors[cam], centers, corners)
         Image.fromarray(view.rgb).save(os.path.join(out, _relpath(spec, cam, k)), 'JPEG',
                                        quality=92)
         visible += view.visible_px
@@ -318,7 +332,7 @@ def generate(out, seed: int = 0, train_scenes: int = 6, val_scenes: int = 2, tes
     if workers > 1 and len(tasks) > 1:
         import multiprocessing as mp
         ctx = mp.get_context('fork' if 'fork' in mp.get_all_start_methods() else 'spawn')
-        with ctx.Pool(min(workers, len(tasks))) as pool:
+        with ctx.Pool(min(workers, len(tasks)), initializer=_tune_malloc) as pool:
             for name, k, *stats in pool.imap_unordered(_render_sample, tasks):
                 results[(name, k)] = stats
                 if bar:
@@ -375,6 +389,7 @@ def main(argv=None) -> int:
                     help='regenerate an existing synthetic dataset in --out')
     ap.add_argument('--quiet', action='store_true', help='no progress bar')
     a = ap.parse_args(argv)
+    _tune_malloc()
     try:
         s = generate(a.out, seed=a.seed, train_scenes=a.train_scenes, val_scenes=a.val_scenes,
                      test_scenes=a.test_scenes, samples_per_scene=a.samples_per_scene,

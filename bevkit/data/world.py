@@ -221,14 +221,12 @@ class World:
     def ground_material(self, x, y):
         """(material id, texture factor) of the ground at road-frame points (x, y)."""
         nx, ny = self.material.shape
-        fx = (np.asarray(x) - self.raster_x0) / RASTER_RES
-        fy = (np.asarray(y) - self.raster_y0) / RASTER_RES
-        inside = (fx >= 0) & (fx < nx) & (fy >= 0) & (fy < ny)
-        ix = np.clip(fx, 0, nx - 1).astype(np.int64)
-        iy = np.clip(fy, 0, ny - 1).astype(np.int64)
-        flat = ix * ny + iy
-        mat = np.where(inside, self.material.ravel()[flat], np.uint8(MAT_TERRAIN))
-        tex = np.where(inside, self.texture.ravel()[flat], np.float32(1.0))
+        ix = np.floor((np.asarray(x) - self.raster_x0) * (1.0 / RASTER_RES))
+        iy = np.floor((np.asarray(y) - self.raster_y0) * (1.0 / RASTER_RES))
+        inside = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny)
+        flat = np.where(inside, ix * ny + iy, 0).astype(np.int64)
+        mat = np.where(inside, np.take(self.material.ravel(), flat), np.uint8(MAT_TERRAIN))
+        tex = np.where(inside, np.take(self.texture.ravel(), flat), np.float32(1.0))
         return mat, tex
 
 
@@ -569,7 +567,18 @@ def _slab(p, dl, half, depth):
     return t_near, hit, hit & (t_near < depth), entries
 
 
-def render_camera(world: World, t: float, sensor: Sensor, centers=None) -> CameraView:
+def all_box_corners(world: World, centers) -> np.ndarray:
+    """(N, 8, 3) corners of every object box (corner order of _box_corners)."""
+    unit = np.array([[1, 1, 1], [1, -1, 1], [1, -1, -1], [1, 1, -1],
+                     [-1, 1, 1], [-1, -1, 1], [-1, -1, -1], [-1, 1, -1]], np.float64)
+    local = unit[None] * (world.size[:, None, :] / 2)
+    c, s = np.cos(world.yaw)[:, None], np.sin(world.yaw)[:, None]
+    x = c * local[..., 0] - s * local[..., 1]
+    y = s * local[..., 0] + c * local[..., 1]
+    return np.stack([x, y, local[..., 2]], -1) + centers[:, None, :]
+
+
+def render_camera(world: World, t: float, sensor: Sensor, centers=None, corners=None) -> CameraView:
     """Ray-cast one camera image of the world at time t."""
     r_e2w, t_e2w = ego_to_world(world, t)
     r_c2w = r_e2w @ sensor.rotation
@@ -579,37 +588,41 @@ def render_camera(world: World, t: float, sensor: Sensor, centers=None) -> Camer
     h, w = sensor.height, sensor.width
     n_obj = len(world.cls)
     centers = world.centers(t) if centers is None else centers
+    corners = all_box_corners(world, centers) if corners is None else corners
 
     # ground plane z = 0
     with np.errstate(divide='ignore'):
         depth = np.where(dz < -1e-6, np.float32(-o[2]) / dz, np.float32(np.inf)).astype(np.float32)
-    sky = ~np.isfinite(depth)
     obj = np.full((h, w), -1, np.int32)
     face = np.zeros((h, w), np.int32)
     full_px = np.zeros(n_obj, np.int64)
 
-    # boxes: test only the pixels inside each box's projected (near-plane clipped) outline
-    r_w2c = r_c2w.T
+    # boxes: cull in one batch, then test only the pixels inside each remaining box's projected
+    # (near-plane clipped) outline
     k = sensor.intrinsic
     near = 0.1
-    dist = np.linalg.norm(centers[:, :2] - o[:2], axis=1)
-    for i in np.nonzero(dist < 150.0)[0]:
-        corners = (_box_corners(centers[i], world.size[i], world.yaw[i]) - o) @ r_w2c.T
-        zc = corners[:, 2]
-        if zc.max() <= near:
-            continue
-        pts = corners[zc > near]
-        e = _BOX_EDGES
-        za, zb = zc[e[:, 0]], zc[e[:, 1]]
-        cross = (za - near) * (zb - near) < 0
-        if cross.any():
-            a, bb = corners[e[cross, 0]], corners[e[cross, 1]]
-            s = ((near - za[cross]) / (zb[cross] - za[cross]))[:, None]
-            pts = np.concatenate([pts, a + s * (bb - a)])
-        uv = pts[:, :2] / pts[:, 2:3] * np.array([k[0, 0], k[1, 1]]) + np.array([k[0, 2], k[1, 2]])
-        u0, v0 = np.floor(uv.min(0)).astype(int)
-        u1, v1 = np.ceil(uv.max(0)).astype(int) + 1
-        u0, v0, u1, v1 = max(u0, 0), max(v0, 0), min(u1, w), min(v1, h)
+    cam = (corners - o) @ r_c2w                       # (N, 8, 3) camera frame
+    zc = cam[..., 2]
+    with np.errstate(divide='ignore', invalid='ignore'):
+        u = cam[..., 0] / zc * k[0, 0] + k[0, 2]
+        v = cam[..., 1] / zc * k[1, 1] + k[1, 2]
+    all_front = zc.min(1) > near
+    outside = all_front & ((u.max(1) < 0) | (u.min(1) >= w) | (v.max(1) < 0) | (v.min(1) >= h))
+    e = _BOX_EDGES
+    for i in np.nonzero((zc.max(1) > near) & ~outside)[0]:
+        if all_front[i]:
+            us, vs = u[i], v[i]
+        else:
+            pts, zi = cam[i], zc[i]
+            za, zb = zi[e[:, 0]], zi[e[:, 1]]
+            cross = (za - near) * (zb - near) < 0
+            a_, b_ = pts[e[cross, 0]], pts[e[cross, 1]]
+            f = ((near - za[cross]) / (zb[cross] - za[cross]))[:, None]
+            pts = np.concatenate([pts[zi > near], a_ + f * (b_ - a_)])
+            us = pts[:, 0] / pts[:, 2] * k[0, 0] + k[0, 2]
+            vs = pts[:, 1] / pts[:, 2] * k[1, 1] + k[1, 2]
+        u0, u1 = max(int(math.floor(us.min())), 0), min(int(math.ceil(us.max())) + 1, w)
+        v0, v1 = max(int(math.floor(vs.min())), 0), min(int(math.ceil(vs.max())) + 1, h)
         if u0 >= u1 or v0 >= v1:
             continue
         r_w2b = rot_z(world.yaw[i]).T                  # world -> box axes
@@ -627,26 +640,44 @@ def render_camera(world: World, t: float, sensor: Sensor, centers=None) -> Camer
         # face's outer side, so the sign of the origin's coordinate names the face
         ax = np.where(entries[0][closer] == tn, 0, np.where(entries[1][closer] == tn, 1, 2))
         face[v0:v1, u0:u1][closer] = 2 * ax + (p < 0)[ax]
-    sky &= obj < 0
+    sky = (obj < 0) & ~np.isfinite(depth)
     ground = (obj < 0) & ~sky
 
-    # colour = palette[index] * s + horizon colour * h (h: distance haze, or the sky gradient)
+    # colour = palette[index] * s + horizon colour * h (h: distance haze, or the sky gradient);
+    # rows with no ground (or no sky) skip that part of the work
     n_mat = len(MATERIAL_RGB)
     sun_ground = 0.45 + 0.6 * max(world.sun[2], 0.0)
     palette = np.concatenate([
         (CLASS_RGB[world.cls][:, None, :] * (world.tint[:, None] * world.shade)[:, :, None]).reshape(-1, 3),
-        MATERIAL_RGB * sun_ground, SKY_TOP[None]]).astype(np.float32)
+        MATERIAL_RGB * sun_ground, SKY_TOP[None]]).astype(np.float32) * np.float32(255.0)
+    idx = obj * 6 + face
     dg = np.minimum(depth, np.float32(1e5))
-    mat, tex = world.ground_material(o[0] + dx * dg, o[1] + dy * dg)
-    idx = np.where(obj >= 0, obj * 6 + face, n_obj * 6 + mat.astype(np.int32))
-    idx[sky] = n_obj * 6 + n_mat
     hz = 1.0 - np.exp(dg * np.float32(-1.0 / 350.0))
-    el = dz / np.sqrt(dx * dx + dy * dy + dz * dz)
-    f = np.clip(el * np.float32(3.0), 0, 1)
-    s = np.where(sky, f, np.where(ground, tex, np.float32(1.0)) * (1 - hz))
-    h = np.where(sky, 1 - f, hz)
-    rgb = palette[idx] * s[..., None] + h[..., None] * SKY_HORIZON
-    rgb8 = (rgb * np.float32(255.0) + np.float32(0.5)).clip(0, 255).astype(np.uint8)
+    s = 1.0 - hz
+    rows_g = np.nonzero(ground.any(1))[0]
+    if len(rows_g):
+        g = slice(rows_g[0], rows_g[-1] + 1)
+        gm = ground[g]
+        mat, tex = world.ground_material(o[0] + dx[g] * dg[g], o[1] + dy[g] * dg[g])
+        idx[g] = np.where(gm, n_obj * 6 + mat.astype(np.int32), idx[g])
+        s[g] *= np.where(gm, tex, np.float32(1.0))
+    rows_s = np.nonzero(sky.any(1))[0]
+    if len(rows_s):
+        q = slice(rows_s[0], rows_s[-1] + 1)
+        sm = sky[q]
+        el = dz[q] / np.sqrt(dx[q] * dx[q] + dy[q] * dy[q] + dz[q] * dz[q])
+        f = np.clip(el * np.float32(3.0), 0, 1)
+        idx[q][sm] = n_obj * 6 + n_mat
+        s[q] = np.where(sm, f, s[q])
+        hz[q] = np.where(sm, 1 - f, hz[q])
+    rgb8 = np.empty((h, w, 3), np.uint8)
+    horizon = SKY_HORIZON * np.float32(255.0)
+    for c in range(3):
+        ch = np.take(palette[:, c], idx)
+        ch *= s
+        ch += hz * horizon[c] + np.float32(0.5)
+        np.clip(ch, 0, 255, out=ch)
+        rgb8[..., c] = ch
     visible = np.bincount(obj[obj >= 0], minlength=n_obj)
     return CameraView(rgb8, depth, obj, visible, full_px)
 
