@@ -639,3 +639,34 @@ def test_forced_cuda_backend_on_cpu_tensors_never_calls_a_cuda_kernel(caplog, mo
         out = ops.multi_scale_deformable_attn(value, shapes, starts, loc, attn)
     torch.testing.assert_close(out, msda_reference(value, shapes, starts, loc, attn))
     assert any("cuda backend chosen for a cpu tensor" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("op", ["voxel_pooling_train", "voxel_pooling_inference", "msda", "depth_weighted",
+                                "deform_conv2d"])
+def test_portable_ops_are_deterministic_on_cpu(op):
+    if op == "voxel_pooling_train":
+        geom, feats = random_voxel_case(10, b=2, n=500, c=16, dtype=torch.float32)
+        fn, inputs = (lambda f: ops.voxel_pooling_train(geom, f, (4, 3, 2))), [feats]
+    elif op == "voxel_pooling_inference":
+        geom, depth, context = inference_case(11, d=8, h=4, w=5, c=16)
+        fn, inputs = (lambda d_, c_: ops.voxel_pooling_inference(geom, d_, c_, (4, 3, 2))), [depth.float(),
+                                                                                             context.float()]
+    elif op == "msda":
+        value, shapes, starts, loc, attn = msda_case(12, bs=2, nq=200, nh=4, dh=8)
+        fn = lambda v, l_, a: ops.multi_scale_deformable_attn(v, shapes, starts, l_, a)  # noqa: E731
+        inputs = [value.float(), loc.float(), attn.float()]
+    elif op == "depth_weighted":
+        value, shapes, starts, loc, attn, depth_prob, ref_pts, bins = depth_case(13, nq=200)
+        fn = lambda v, l_, a, d_: ops.depth_weighted_deformable_attn(v, shapes, starts, l_, a, d_, ref_pts, bins)  # noqa
+        inputs = [value.float(), loc.float(), attn.float(), depth_prob.float()]
+    else:
+        inp, offset, weight, kw = deform_case(14, n=2, cin=8, cout=8, h=9, w=11)
+        fn = lambda i, o, w_: ops.deform_conv2d(i, o, w_, **kw)  # noqa: E731
+        inputs = [inp.float(), offset.float(), weight.float()]
+    runs = []
+    for _ in range(3):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        runs.append([out] + list(torch.autograd.grad((out * out).sum(), leaves)))
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
