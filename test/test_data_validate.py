@@ -196,3 +196,17 @@ def test_cli_exit_codes(prepared, capsys):
     assert 'bevdetv2-nuscenes_infos_val.pkl' in out and 'fix:' in out
     with pytest.raises(ValueError):
         V.validate('bevfusion', prepared)
+
+
+def test_fast_mode_on_tables_too_big_to_parse(prepared, monkeypatch):
+    """Real trainval tables are GBs: the fast mode scans sample_data.json for keyframe files and
+    only checks that the other big tables are whole JSON lists."""
+    monkeypatch.setattr(V, 'FAST_TABLE_BYTES', 0)
+    monkeypatch.setattr(V, 'FAST_SAMPLES', 10**6)
+    assert V.validate('fbocc', prepared) == []
+    img = _first_file(prepared, 'samples/CAM_FRONT_LEFT', '*.jpg')
+    img.unlink()
+    ann = prepared / 'v1.0-trainval' / 'sample_annotation.json'
+    replace_bytes(ann, ann.read_bytes()[:-50])
+    paths = _paths(V.validate('fbocc', prepared))
+    assert str(img) in paths and str(ann) in paths
