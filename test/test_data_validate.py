@@ -210,3 +210,11 @@ def test_fast_mode_on_tables_too_big_to_parse(prepared, monkeypatch):
     replace_bytes(ann, ann.read_bytes()[:-50])
     paths = _paths(V.validate('fbocc', prepared))
     assert str(img) in paths and str(ann) in paths
+
+
+def test_missing_devkit_is_a_problem_not_a_crash(root, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, 'nuscenes.utils.splits', None)
+    problems = V.validate('fbocc', root)
+    assert len(problems) == 1 and 'nuscenes-devkit' in problems[0].message
+    assert 'setup.sh' in problems[0].fix

@@ -10,6 +10,7 @@ Every problem names a file and a one-line fix; the exit status is 1 when there a
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import pickle
@@ -520,6 +521,12 @@ def validate(model: str, data_root, full: bool = False) -> list:
         raise ValueError(f'model must be one of {MODELS}, not {model!r}')
     root = Path(data_root).expanduser()
     rep = _Report()
+    try:
+        importlib.import_module('nuscenes.utils.splits')     # the split names select the scenes
+    except ImportError as e:
+        rep.add('nuscenes-devkit', f'nuscenes-devkit does not import ({e}); both models read the '
+                f'data through it', 'run setup.sh (it installs nuscenes-devkit==1.2.0)')
+        return rep.finish()
     if not _check_root(root, rep):
         return rep.finish()
     tables = _load_tables(root, TRAINVAL, full, rep)
