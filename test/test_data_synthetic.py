@@ -222,7 +222,7 @@ def test_lidar_points_lie_on_world_surfaces(root, nusc):
         static = np.zeros(len(p), bool)
         cls = sem[ijk[inside, 0], ijk[inside, 1], ijk[inside, 2]]
         static[np.nonzero(inside)[0]] = np.isin(cls, [OCC_ID['others'], OCC_ID['manmade'],
-                                                       OCC_ID['vegetation']])
+                                                      OCC_ID['vegetation']])
         explained = ground | hit_box | static
         total += inside.sum()
         assert explained[inside].all(), 'lidar returns that are neither ground, box nor static geometry'

@@ -31,7 +31,7 @@ def test_bevdepth_gen_info_runs_on_synthetic_data(request, root, tmp_path):
     except pytest.FixtureLookupError:
         pytest.skip('needs the bevdepth_checkout fixture (test/conftest.py)')
     try:
-        import mmcv  # noqa: F401  gen_info.py writes its pickles with mmcv.dump
+        import mmcv  # noqa: F401 (gen_info.py writes its pickles with mmcv.dump)
     except ImportError:
         pytest.skip('needs mmcv (installed by setup.sh)')
     script = checkout / 'scripts' / 'gen_info.py'

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import world as W
-from .schema import (ATTRIBUTES, CAMERAS, CATEGORIES, DET_CATEGORY, LIDAR, OCC_FREE, TEST,
+from .schema import (ATTRIBUTES, CAMERAS, CATEGORIES, DET_CATEGORY, LIDAR, TEST,
                      TRAINVAL, VISIBILITIES)
 
 MARKER = 'SYNTHETIC.json'
@@ -259,7 +259,7 @@ def _build_tables(seed, specs, results, map_token, map_file):
                 'category_token': cat_tok[DET_CATEGORY[world.det[i]]],
                 'nbr_annotations': len(anns), 'first_annotation_token': anns[0]['token'],
                 'last_annotation_token': anns[-1]['token']})
-    tables['map'] = [{'token': map_token, 'log_tokens': [l['token'] for l in tables['log']],
+    tables['map'] = [{'token': map_token, 'log_tokens': [lg['token'] for lg in tables['log']],
                       'category': 'semantic_prior', 'filename': map_file}]
     return tables
 

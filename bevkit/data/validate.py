@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import pickle
 import random
 import re
@@ -130,7 +129,7 @@ def _check_root(root: Path, rep: _Report) -> bool:
     if (root / TRAINVAL).is_dir():
         return True
     if root.name.startswith('v1.0-') or (root / 'sample.json').exists():
-        rep.add(root, f'this is a table folder, not the data root',
+        rep.add(root, 'this is a table folder, not the data root',
                 f'did you mean {root.parent}? pass the folder that holds {root.name}/ and samples/')
         return False
     cands = _find_root_candidates(root)

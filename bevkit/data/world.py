@@ -393,7 +393,7 @@ def build_world(seed: int, n_samples: int, dt: float = 0.5) -> World:
         else:
             kinds, probs = ['car', 'truck', 'bus'], [.75, .15, .1]
         for xc, (name, size) in _fill_track(rng, *span, fixed, vehicle_maker(kinds, probs),
-                                              gap=(6.0, 30.0)):
+                                            gap=(6.0, 30.0)):
             attr = 'cycle.with_rider' if name in ('bicycle', 'motorcycle') else 'vehicle.moving'
             b.add(name, (xc, y), size, yaw, (v, 0.0), name, attr)
 
