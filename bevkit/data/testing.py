@@ -20,13 +20,23 @@ SMALL = dict(seed=0, train_scenes=2, val_scenes=1, test_scenes=1, samples_per_sc
 _CACHE: dict = {}
 
 
-def small_dataset(tmp_path_factory) -> Path:
-    if 'small' not in _CACHE:
+def dataset(tmp_path_factory, **options) -> Path:
+    """A synthetic dataset generated once per session for these options (SMALL overridden by
+    ``options``), e.g. ``dataset(f, image_size=(1600, 900))`` for pipelines that need full-size
+    images."""
+    opts = dict(SMALL, **options)
+    key = tuple(sorted(opts.items()))
+    if key not in _CACHE:
         from .synthetic import generate
         root = tmp_path_factory.mktemp('synthetic') / 'nuscenes'
-        generate(root, **SMALL)
-        _CACHE['small'] = root
-    return _CACHE['small']
+        generate(root, **opts)
+        _CACHE[key] = root
+    return _CACHE[key]
+
+
+def small_dataset(tmp_path_factory) -> Path:
+    """The SMALL dataset (images 400x225: format and geometry tests, not model pipelines)."""
+    return dataset(tmp_path_factory)
 
 
 def hardlink_copy(src: Path, dst: Path) -> Path:
