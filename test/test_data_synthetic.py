@@ -154,6 +154,14 @@ def test_generation_is_deterministic(tmp_path):
     b = digest(synthetic.generate(tmp_path / 'b', seed=3, **args) and tmp_path / 'b')
     c = digest(synthetic.generate(tmp_path / 'c', seed=4, **args) and tmp_path / 'c')
     assert a == b != c
+    # regenerating in place needs --overwrite, keeps files the user added, gives the same data
+    (tmp_path / 'a' / 'nuscenes_infos_train.pkl').write_bytes(b'user file')
+    with pytest.raises(FileExistsError, match='overwrite'):
+        synthetic.generate(tmp_path / 'a', seed=3, **args)
+    synthetic.generate(tmp_path / 'a', seed=3, overwrite=True, **args)
+    assert (tmp_path / 'a' / 'nuscenes_infos_train.pkl').read_bytes() == b'user file'
+    (tmp_path / 'a' / 'nuscenes_infos_train.pkl').unlink()
+    assert digest(tmp_path / 'a') == a
 
 
 def test_generate_refuses_foreign_folder_and_cli_reports(tmp_path, capsys):
