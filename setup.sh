@@ -187,6 +187,7 @@ if [[ $DRY_RUN == 0 ]]; then
     fail "$VENV was set up for profile $(cat "$STAMPS/profile"), not $PROFILE: use another --venv, or delete $VENV"
   fi
   echo "$PROFILE" > "$STAMPS/profile"
+  echo "$MODELS" > "$STAMPS/models"  # bevkit.doctor checks these models by default
   PYV="$("$VPY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
   [[ "$PROFILE" != npu || "$PYV" == 3.8 ]] || log "venv: note: the npu reference stack is Python 3.8; this venv has $PYV"
 fi

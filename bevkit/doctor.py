@@ -363,13 +363,24 @@ def render(rows: Sequence[Check], profile: str) -> str:
     return "\n".join(lines)
 
 
+def default_models() -> str:
+    """The models setup.sh set up in the running venv (its record), else all."""
+    record = Path(sys.prefix) / ".bevkit-stamps" / "models"
+    if record.is_file():
+        models = [m for m in record.read_text().strip().split(",") if m in MODEL_NAMES]
+        if models:
+            return ",".join(models)
+    return ",".join(MODEL_NAMES)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from . import device
 
     parser = argparse.ArgumentParser(prog="python -m bevkit.doctor", description=__doc__.split("\n")[0])
     parser.add_argument("--profile", choices=device.DEVICES, default=None,
                         help="profile to check against (default: detected, as setup.sh does)")
-    parser.add_argument("--models", default=",".join(MODEL_NAMES), help="comma-separated: fbocc,bevdepth")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated: fbocc,bevdepth (default: those setup.sh set up in this venv)")
     parser.add_argument("--data-root", type=Path, default=None, help="also check this data folder's layout")
     parser.add_argument("--full", action="store_true", help="with --data-root: check every file, not a sample")
     parser.add_argument("--upstream-dir", type=Path, default=None,
@@ -385,7 +396,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"using torch_npu {pin}", file=sys.stderr)
         print(pin)
         return 0
-    models = [m for m in args.models.split(",") if m]
+    models = [m for m in (args.models or default_models()).split(",") if m]
     bad = [m for m in models if m not in MODEL_NAMES]
     if bad:
         parser.error(f"unknown model(s) {', '.join(bad)}; choose from {', '.join(MODEL_NAMES)}")

@@ -116,3 +116,11 @@ def test_render_lists_one_fix_per_problem():
     text = doctor.render(rows, "cpu")
     assert "2 problem(s); to fix:" in text and "- b: do x" in text and "- c: do y" in text
     assert "no problems found" in doctor.render(rows[:1], "cpu")
+
+
+def test_default_models_follow_what_setup_sh_set_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    assert doctor.default_models() == "fbocc,bevdepth"  # no record: all
+    (tmp_path / ".bevkit-stamps").mkdir()
+    (tmp_path / ".bevkit-stamps" / "models").write_text("bevdepth\n")
+    assert doctor.default_models() == "bevdepth"
