@@ -1,8 +1,8 @@
 # Tiny FB-OCC for smoke runs and tests: 2 CPU processes at a few seconds per step on the synthetic dataset.
 # Same modules and code paths as the reference (LSS forward projection, depth-aware backward projection,
 # BEV self-attention, temporal fusion switched on by SequentialControlHook, 3-D ResNet/FPN, occupancy head
-# with all four losses, depth supervision, EMA), with a ResNet-18 image backbone, 128x352 images, 20 depth
-# bins, 16 BEV channels, 2 history frames and thin 3-D layers. The LSS grid (100x100x8) and the occupancy
+# with all four losses, depth supervision, EMA), with a quarter-width ResNet-18 image backbone, 128x352 images,
+# 20 depth bins, 16 BEV channels, 2 history frames and thin 3-D layers (8/16/32 channels). The LSS grid (100x100x8) and the occupancy
 # grid (200x200x16, Occ3D) keep their real sizes, because the head's output must match Occ3D.
 # No pretrained checkpoints.
 import os
@@ -33,8 +33,8 @@ grid_config = {
 }
 depth_categories = 20
 numC_Trans = 16
-voxel_channels = [16, 32, 64]
-voxel_out_channel = 32
+voxel_channels = [8, 16, 32]
+voxel_out_channel = 16
 history_cat_num = 2
 use_checkpoint = False
 sync_bn = False
@@ -43,10 +43,10 @@ model = dict(
     history_cat_num=history_cat_num,
     single_bev_num_channels=numC_Trans,
     img_backbone=dict(
-        _delete_=True, type='ResNet', depth=18, num_stages=4, out_indices=(2, 3), frozen_stages=-1,
+        _delete_=True, type='ResNet', depth=18, base_channels=16, num_stages=4, out_indices=(2, 3), frozen_stages=-1,
         norm_cfg=dict(type='BN', requires_grad=True), norm_eval=False, with_cp=False, style='pytorch'),
-    img_neck=dict(in_channels=[256, 512], out_channels=64, with_cp=False),
-    depth_net=dict(in_channels=64, mid_channels=64, context_channels=numC_Trans, grid_config=grid_config,
+    img_neck=dict(in_channels=[64, 128], out_channels=32, with_cp=False),
+    depth_net=dict(in_channels=32, mid_channels=32, context_channels=numC_Trans, grid_config=grid_config,
                    depth_channels=depth_categories, with_cp=False),
     forward_projection=dict(grid_config=grid_config, input_size=data_config['input_size']),
     backward_projection=dict(
