@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# BEVDepth smoke run on CPU: tiny 2-key-frame variant, 2 gloo processes, ~450 steps, then nuScenes evaluation
+# BEVDepth smoke run on CPU: tiny 2-key-frame variant, 2 gloo processes, ~180 steps (12 epochs of the 60-sample synthetic train split), then nuScenes evaluation
 # of the final weights on the validation split (mAP/NDS in results.json). Without --data-root it generates
 # the synthetic dataset; it then prepares the BEVDepth infos and depth ground truth (skipped when present).
 #   bevdepth/test/train_smoke.sh [--data-root DIR] [--device cpu] [--nproc 2] [launcher options]

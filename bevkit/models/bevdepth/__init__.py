@@ -19,7 +19,7 @@ SMOKE_EXP = "bevdepth/configs/bev_depth_tiny_smoke.py"
 BATCH_PER_DEVICE = 8
 SMOKE_BATCH_PER_DEVICE = 2
 EPOCHS = 24
-SMOKE_EPOCHS = 30
+SMOKE_EPOCHS = 12
 
 
 def _passes(extra, *flags: str) -> bool:
