@@ -463,8 +463,11 @@ def focal_reference(pred, target, gamma, alpha, weight):
     return out
 
 
+@pytest.mark.parametrize("chunk", [1 << 20, 8])
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-def test_sigmoid_focal_loss_matches_kernel_math(reduction):
+def test_sigmoid_focal_loss_matches_kernel_math(reduction, chunk, monkeypatch):
+    from bevkit.ops import focal_loss
+    monkeypatch.setattr(focal_loss, "CHUNK_ELEMENTS", chunk)  # 8: two rows per chunk
     g = _gen(0)
     pred = torch.randn(6, 4, generator=g, dtype=D64) * 3
     target = torch.tensor([0, 1, 3, 4, 4, 2])  # 4 = background

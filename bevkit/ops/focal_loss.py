@@ -8,8 +8,9 @@ target class; background samples, for which that lookup would read past the end,
 Reduction 'none' -> [M, C], 'sum', or 'mean' (= sum / M, as mmcv).
 
 Backends: mmcv's compiled op on CUDA (and on real NPU tensors with an NPU build of mmcv) when importable;
-otherwise the portable code, which uses log-sigmoid (more accurate than the kernel's log(max(p, FLT_MIN)) for
-|pred| > 87, identical elsewhere) and autograd for the gradient.
+otherwise the portable code: the kernel's closed-form forward and backward, with log-sigmoid (more accurate than
+the kernel's log(max(p, FLT_MIN)) for |pred| > 87, identical elsewhere), in row chunks (no one-hot target, no
+saved temporaries).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from bevkit.ops.dispatch import backend_for, log_once, optional_import, real_device
 
@@ -48,16 +50,80 @@ def sigmoid_focal_loss(pred: torch.Tensor, target: torch.Tensor, gamma: float = 
 
 def _portable(pred, target, gamma, alpha, weight, reduction):
     x = pred if pred.dtype == torch.float64 else pred.float()
-    m, c = x.shape
-    positive = F.one_hot(target.clamp(0, c), c + 1)[:, :c].to(x.dtype)
-    p = torch.sigmoid(x)
-    loss = -(alpha * positive * (1 - p).pow(gamma) * F.logsigmoid(x)
-             + (1 - alpha) * (1 - positive) * p.pow(gamma) * F.logsigmoid(-x))
-    if weight is not None:
-        per_sample = torch.cat([weight.to(x.dtype), x.new_ones(1)])[target.clamp(0, c)]
-        loss = loss * per_sample[:, None]
-    if reduction == "mean":
-        loss = loss.sum() / m
-    elif reduction == "sum":
-        loss = loss.sum()
-    return loss.to(pred.dtype)
+    w = None if weight is None else weight.to(x.dtype)
+    return _FocalLoss.apply(x, target, w, gamma, alpha, reduction).to(pred.dtype)
+
+
+#: Elements per row chunk: bounds the temporaries to a few MB whatever M is (FB-OCC: M ~ 640k voxels x 18).
+CHUNK_ELEMENTS = 1 << 20
+
+
+def _chunks(m: int, c: int):
+    step = max(1, CHUNK_ELEMENTS // max(1, c))
+    return [(s, min(m, s + step)) for s in range(0, m, step)]
+
+
+def _positive(x, target, s, e):
+    """Rows of [s, e) whose target is a class (< C), and the logits at that class."""
+    c = x.shape[1]
+    t = target[s:e]
+    rows = torch.nonzero(t < c).squeeze(1)
+    cols = t[rows]
+    return rows, cols, x[s:e][rows, cols]
+
+
+def _row_weight(weight, target, s, e, c):
+    # mmcv's kernel scales every element of a sample by weight[target]; background samples (target == C) are kept
+    # unweighted (the kernel would read past the end of weight there).
+    t = target[s:e]
+    return torch.cat([weight, weight.new_ones(1)])[t.clamp(0, c)].unsqueeze(1)
+
+
+class _FocalLoss(torch.autograd.Function):
+    """Closed-form forward and backward (the mmcv kernel's math with log-sigmoid), in row chunks, so neither a
+    one-hot target nor autograd's saved temporaries are materialised."""
+
+    @staticmethod
+    def forward(ctx, x, target, weight, gamma, alpha, reduction):
+        m, c = x.shape
+        out = x.new_empty(m, c) if reduction == "none" else x.new_zeros(())
+        for s, e in _chunks(m, c):
+            xs = x[s:e]
+            # negatives: (1 - alpha) * p^gamma * softplus(x)   (= -(1-alpha) p^g log(1-p))
+            loss = torch.sigmoid(xs).pow_(gamma).mul_(F.softplus(xs)).mul_(1 - alpha)
+            rows, cols, xp = _positive(x, target, s, e)
+            # positives: alpha * (1 - p)^gamma * softplus(-x)   (= -alpha (1-p)^g log p)
+            loss[rows, cols] = torch.sigmoid(-xp).pow(gamma) * F.softplus(-xp) * alpha
+            if weight is not None:
+                loss.mul_(_row_weight(weight, target, s, e, c))
+            if reduction == "none":
+                out[s:e] = loss
+            else:
+                out += loss.sum()
+        if reduction == "mean":
+            out = out / m
+        ctx.save_for_backward(x, target, weight)
+        ctx.gamma, ctx.alpha, ctx.reduction = gamma, alpha, reduction
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, target, weight = ctx.saved_tensors
+        gamma, alpha, reduction = ctx.gamma, ctx.alpha, ctx.reduction
+        m, c = x.shape
+        grad = torch.empty_like(x)
+        scale = grad_out / m if reduction == "mean" else grad_out
+        for s, e in _chunks(m, c):
+            xs = x[s:e]
+            p = torch.sigmoid(xs)
+            # d/dx negatives: (1 - alpha) * p^gamma * (gamma * (1 - p) * softplus(x) + p)
+            g = F.softplus(xs).mul_(1 - p).mul_(gamma).add_(p).mul_(p.pow(gamma)).mul_(1 - alpha)
+            rows, cols, xp = _positive(x, target, s, e)
+            pp = torch.sigmoid(xp)
+            # d/dx positives: -alpha * (1 - p)^gamma * (gamma * p * softplus(-x) + 1 - p)
+            g[rows, cols] = -alpha * (1 - pp).pow(gamma) * (gamma * pp * F.softplus(-xp) + 1 - pp)
+            if weight is not None:
+                g.mul_(_row_weight(weight, target, s, e, c))
+            grad[s:e] = g * (scale[s:e] if reduction == "none" else scale)
+        return grad, None, None, None, None, None
