@@ -363,7 +363,8 @@ def depth_weight_reference(depth_prob, hw, ref_pts, onehot):
         img = depth_prob[b].t().reshape(-1, h, w)
         for q in range(nq):
             for z in range(nz):
-                vec = bilinear_reference(img, float(ref_pts[b, q, z, 0]) * w - 0.5, float(ref_pts[b, q, z, 1]) * h - 0.5)
+                x, y = float(ref_pts[b, q, z, 0]) * w - 0.5, float(ref_pts[b, q, z, 1]) * h - 0.5
+                vec = bilinear_reference(img, x, y)
                 out[b, q, z] = (vec * onehot[b, q, z]).sum()
     return out
 

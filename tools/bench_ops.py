@@ -65,7 +65,7 @@ class Rig:
         v = torch.linspace(0, self.img[0] - 1, h, dtype=torch.float64)
         d, vv, uu = torch.meshgrid(depths.double(), v, u, indexing="ij")
         xc, yc = (uu - self.cx) / self.fx * d, (vv - self.cy) / self.fy * d
-        pts = (d[None, ..., None] * self.fwd.view(-1, 1, 1, 1, 3) + xc[None, ..., None] * self.right.view(-1, 1, 1, 1, 3))
+        pts = d[None, ..., None] * self.fwd.view(-1, 1, 1, 1, 3) + xc[None, ..., None] * self.right.view(-1, 1, 1, 1, 3)
         pts[..., 2] = pts[..., 2] + self.height - yc[None]
         return pts
 
@@ -355,11 +355,10 @@ def cases(selected, quick):
                 kw["lengths"]]
         note = dict(points=int(kw["ranks_bev"].numel()), shape=list(kw["shape"]))
         out.append(("bev_pool_v2", "bevkit-portable", True,
-                    lambda d, f, rd, rf, rb, s, l, shape=kw["shape"]: ops.bev_pool_v2(d, f, rd, rf, rb, shape, s, l),
-                    args, [0, 1],
-                    note))
+                    lambda d, f, rd, rf, rb, st, ln, sh=kw["shape"]: ops.bev_pool_v2(d, f, rd, rf, rb, sh, st, ln),
+                    args, [0, 1], note))
         out.append(("bev_pool_v2", "lss-cumsum", False,
-                    lambda d, f, rd, rf, rb, s, l, shape=kw["shape"]: lss_bev_pool(d, f, rd, rf, rb, shape), args,
+                    lambda d, f, rd, rf, rb, st, ln, shape=kw["shape"]: lss_bev_pool(d, f, rd, rf, rb, shape), args,
                     [0, 1], note))
     if want("voxel_pooling_train") or want("voxel_pooling_inference"):
         d = 28 if quick else 112
@@ -384,8 +383,9 @@ def cases(selected, quick):
                         lambda gm, dp, cx: lss_voxel_pooling(
                             gm, (dp.view(1, 6, d, 1, 16, 44) * cx.view(1, 6, 1, 80, 16, 44)).permute(0, 1, 2, 4, 5, 3),
                             [128, 128, 1]), [geom, depth, context], None, note))
-    wants_msda = any(want(n) for n in ("msda", "msda_bev_self_attn", "msda_da_cross_attn", "msda_depth_sampling",
-                                          "depth_weighted_deformable_attn"))
+    msda_names = ("msda", "msda_bev_self_attn", "msda_da_cross_attn", "msda_depth_sampling",
+                  "depth_weighted_deformable_attn")
+    wants_msda = any(want(n) for n in msda_names)
     ref = mmcv_msda() if wants_msda else None
     for kind in ("bev_self_attn", "da_cross_attn", "depth_sampling"):
         if not want("msda") and not want(f"msda_{kind}"):

@@ -28,7 +28,6 @@ BLOCK_ELEMENTS = 1 << 19
 _sddmm_ok: Optional[bool] = None
 
 
-
 def csr_supported(t: torch.Tensor) -> bool:
     """Use the CSR strategy for tensors on the real CPU (torch's sparse CSR kernels are CPU/CUDA-only)."""
     return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)

@@ -18,8 +18,9 @@ Backends:
   are concatenated (heads, channels) or summed (points).
 * cuda: mmcv's compiled ``MultiScaleDeformableAttnFunction`` when importable.
 * portable: ``F.grid_sample`` per level (mmcv's pure-PyTorch formulation) laid out points-before-queries so the
-  weighted sum runs over contiguous rows, and without mmcv's stacking copy; the depth weighting reads only the anchor's own depth bin (4 bilinear taps of one
-  channel instead of sampling all D channels and taking a one-hot dot product).
+  weighted sum runs over contiguous rows, and without mmcv's stacking copy; the depth weighting reads only the
+  anchor's own depth bin (4 bilinear taps of one channel instead of sampling all D channels and taking a one-hot
+  dot product).
 
 Precision: inputs are computed in float32 (float64 stays float64), like FB-OCC's ``_fp32`` kernels and
 mx_driving's ``custom_fwd(cast_inputs=float32)``; the output is float32.
@@ -27,7 +28,7 @@ mx_driving's ``custom_fwd(cast_inputs=float32)``; the output is float32.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -305,7 +306,6 @@ def depth_weighted_deformable_attn(value: torch.Tensor, spatial_shapes: torch.Te
     weighted = attention_weights.to(w.dtype) * w
     return multi_scale_deformable_attn(value, spatial_shapes, level_start_index, sampling_locations, weighted,
                                        im2col_step)
-
 
 
 def multi_scale_deformable_attn_pytorch(value: torch.Tensor, value_spatial_shapes: torch.Tensor,

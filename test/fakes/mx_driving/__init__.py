@@ -36,8 +36,8 @@ def _require(cond: bool, name: str, message: str) -> None:
 
 
 def _is_int_list(v, n: int) -> bool:
-    return isinstance(v, (list, tuple)) and len(v) == n and all(isinstance(x, int) and not isinstance(x, bool)
-                                                               for x in v)
+    ints = all(isinstance(x, int) and not isinstance(x, bool) for x in v) if isinstance(v, (list, tuple)) else False
+    return ints and len(v) == n
 
 
 def bev_pool_v3(*args, **kwargs):
