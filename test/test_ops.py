@@ -327,6 +327,16 @@ def test_msda_matches_reference_and_gradcheck():
         (value.requires_grad_(), loc.requires_grad_(), attn.requires_grad_()))
 
 
+def test_msda_wide_heads_gradcheck():
+    """Head dims > 32 take the other weight-gradient branch (FB-OCC's depth sampling has 80)."""
+    value, shapes, starts, loc, attn = msda_case(6, bs=1, nq=2, nh=1, dh=40, shapes=((2, 3),), npt=2)
+    torch.testing.assert_close(ops.multi_scale_deformable_attn(value, shapes, starts, loc, attn),
+                               msda_reference(value, shapes, starts, loc, attn))
+    assert torch.autograd.gradcheck(
+        lambda v, l_, a: ops.multi_scale_deformable_attn(v, shapes, starts, l_, a),
+        (value.requires_grad_(), loc.requires_grad_(), attn.requires_grad_()))
+
+
 def test_msda_float32_output_for_half_inputs():
     value, shapes, starts, loc, attn = msda_case(1, nq=2)
     out = ops.multi_scale_deformable_attn(value.half(), shapes, starts, loc.half(), attn.half())
