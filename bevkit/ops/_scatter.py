@@ -1,8 +1,8 @@
 """Weighted gather-scatter, the kernel behind the pooling ops (portable backend).
 
-    out[dst[k], :] += vals[k] * dense[src[k], :]        for k in range(P)
+    out.row(dst[k]) += vals[k] * dense[src[k], :]        for k in range(P)
 
-is a sparse matrix (P non-zeros) times a dense matrix. Formulating it that way avoids ever holding the
+(the output is channels-first [B, C, cells]; row r is out[r // cells, :, r % cells]) is a sparse matrix (P non-zeros) times a dense matrix. Formulating it that way avoids ever holding the
 P x C product in memory (P ~ 10^5..10^6 points, C = 80): on CPU the product is computed by torch's CSR
 sparse-dense matmul (MKL) when the points are sorted by ``dst`` (or by ``src``), with a custom backward:
 
