@@ -308,3 +308,44 @@ def test_pretrained_lookup(tmp_path, monkeypatch, bd):
     assert not hashlib.sha256(b"not the weights").hexdigest().startswith("0676ba61")
     with pytest.raises(ValueError, match="sha256"):
         patches.find_resnet50()
+
+
+# ------------------------------------------------------------------------------------------ depth GT
+
+def test_offline_depth_gt_equals_upstream_online_projection(bd, tmp_path):
+    """bevkit.data.depth_gt gives the (u, v, depth) rows upstream's get_lidar_depth computes online, and the
+    patched dataset method returns the file's rows."""
+    from bevdepth.datasets.nusc_det_dataset import NuscDetDataset
+    from PIL import Image
+
+    from bevkit.data.depth_gt import output_path, project_lidar, write_atomic
+    from bevkit.models.bevdepth.patches import PATCHES
+
+    rng = np.random.default_rng(0)
+    points = np.concatenate([rng.uniform([-50, -50, -2], [50, 50, 3], size=(20000, 3)),
+                             rng.uniform(0, 1, size=(20000, 1))], axis=1).astype(np.float32)
+    lidar = {"calibrated_sensor": {"rotation": [0.7071, 0.0, 0.0, 0.7071], "translation": [0.9, 0.0, 1.8]},
+             "ego_pose": {"rotation": [0.9, 0.05, 0.02, 0.43], "translation": [400.0, 1100.0, 0.0]}}
+    cam = {"filename": "samples/CAM_FRONT/x.jpg",
+           "calibrated_sensor": {"rotation": [0.5, -0.5, 0.51, -0.49], "translation": [1.7, 0.01, 1.5],
+                                 "camera_intrinsic": [[1266.4, 0.0, 816.3], [0.0, 1266.4, 491.5], [0.0, 0.0, 1.0]]},
+           "ego_pose": {"rotation": [0.9, 0.05, 0.021, 0.431], "translation": [400.2, 1100.1, 0.0]}}
+    img = Image.new("RGB", (1600, 900))
+    assert "depth_gt_precomputed" in PATCHES.applied
+    original = NuscDetDataset.get_lidar_depth.__wrapped__  # upstream's online projection
+    online = original(types.SimpleNamespace(), points, img, {"LIDAR_TOP": lidar}, cam)
+    offline = project_lidar(points, lidar, cam, img.size)
+    assert len(online) > 1000
+    assert offline.shape == online.shape and offline.dtype == online.dtype == np.float32
+    np.testing.assert_allclose(offline, online, rtol=1e-6, atol=1e-3)
+    write_atomic(output_path(tmp_path, cam["filename"]), offline)
+    stub = types.SimpleNamespace(data_root=str(tmp_path))
+    from_file = NuscDetDataset.get_lidar_depth(stub, points, img, {"LIDAR_TOP": lidar}, cam)
+    assert np.array_equal(from_file, offline)
+    os.environ["BEVKIT_DEPTH_GT"] = "precomputed"
+    try:
+        stub.data_root = str(tmp_path / "nothing")
+        with pytest.raises(FileNotFoundError, match="bevkit.data.depth_gt"):
+            NuscDetDataset.get_lidar_depth(stub, points, img, {"LIDAR_TOP": lidar}, cam)
+    finally:
+        del os.environ["BEVKIT_DEPTH_GT"]
