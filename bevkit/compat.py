@@ -144,6 +144,22 @@ def _get_stream(original):
     return get_stream
 
 
+def _ddp_run_forward(original):
+    """mmcv 1.7's MMDistributedDataParallel._run_ddp_forward reads ``_use_replicated_tensor_module``, an attribute
+    torch DDP only had around 1.13/2.0; without it every DDP forward (evaluation) raises AttributeError."""
+
+    def _run_ddp_forward(self, *inputs, **kwargs):
+        module_to_run = self.module
+        if getattr(self, "_use_replicated_tensor_module", False):
+            module_to_run = self._replicated_tensor_module
+        if self.device_ids:
+            inputs, kwargs = self.to_kwargs(inputs, kwargs, self.device_ids[0])
+            return module_to_run(*inputs[0], **kwargs[0])
+        return module_to_run(*inputs, **kwargs)
+
+    return _run_ddp_forward
+
+
 PATCHES = PatchSet("common", [
     RuntimePatch(
         name="numpy-removed-aliases",
@@ -159,5 +175,11 @@ PATCHES = PatchSet("common", [
         why="torch >= 2.1 changed torch.nn.parallel._functions._get_stream to take a torch.device; mmcv 1.x "
             "Scatter passes an int and fails with \"'int' object has no attribute 'type'\" when copying "
             "batches to the accelerator (CPU runs never copy, so the patch is accelerator-only)."),
+    RuntimePatch(
+        name="mmcv-ddp-run-forward",
+        target="mmcv.parallel.distributed:MMDistributedDataParallel._run_ddp_forward",
+        build=_ddp_run_forward,
+        why="mmcv 1.7 reads DDP's _use_replicated_tensor_module, which current torch (and torch 2.1) lacks: "
+            "distributed evaluation (model(return_loss=False) under DDP) fails with AttributeError."),
 ])
 

@@ -82,7 +82,7 @@ optimizer = dict(type='AdamW', lr=1e-3, weight_decay=1e-2)
 lr_config = dict(policy='step', warmup='linear', warmup_iters=2, warmup_ratio=0.1, step=[max_iters])
 runner = dict(type='IterBasedRunner', max_iters=max_iters)
 checkpoint_config = dict(interval=max_iters)
-evaluation = dict(interval=10 ** 9)
+evaluation = dict(interval=max_iters)  # the EMA model is evaluated at the end (CustomDistEvalHook)
 log_config = dict(interval=1, hooks=[dict(type='TextLoggerHook')])
 custom_hooks = [
     dict(type='MEGVIIEMAHook', init_updates=0, priority='NORMAL', interval=max_iters),

@@ -134,6 +134,52 @@ def _current_device(original):
     return current_device
 
 
+def _init_dist_pytorch(original):
+    """mmcv's torchrun initialization binds a CUDA (or real NPU) device first: rank % torch.cuda.device_count()
+    divides by zero without CUDA. CPU processes (and emulated devices) only need the process group."""
+
+    @functools.wraps(original)
+    def init(backend, **kwargs):
+        if runtime.tensor_device().type != 'cpu':
+            return original(backend, **kwargs)
+        import torch.distributed as dist
+
+        dist.init_process_group(backend=runtime.dist_backend(), **kwargs)
+
+    return init
+
+
+_CPU_DDP = {}
+
+
+def _cpu_ddp_class(base):
+    """MMDistributedDataParallel for CPU processes: mmcv only unwraps DataContainers when it has device ids, so
+    batches are scattered to the CPU (mmcv's device -1) here first; the DDP gradient sync is unchanged."""
+    if base in _CPU_DDP:
+        return _CPU_DDP[base]
+    from mmcv.parallel.scatter_gather import scatter_kwargs
+
+    class CPUDistributedDataParallel(base):
+        def _on_cpu(self, inputs, kwargs):
+            inputs, kwargs = scatter_kwargs(inputs, kwargs, [-1], dim=self.dim)
+            return inputs[0], kwargs[0]
+
+        def train_step(self, *inputs, **kwargs):
+            inputs, kwargs = self._on_cpu(inputs, kwargs)
+            return super().train_step(*inputs, **kwargs)
+
+        def val_step(self, *inputs, **kwargs):
+            inputs, kwargs = self._on_cpu(inputs, kwargs)
+            return super().val_step(*inputs, **kwargs)
+
+        def _run_ddp_forward(self, *inputs, **kwargs):
+            inputs, kwargs = self._on_cpu(inputs, kwargs)
+            return self.module(*inputs, **kwargs)
+
+    _CPU_DDP[base] = CPUDistributedDataParallel
+    return CPUDistributedDataParallel
+
+
 def _ddp_factory(original):
     """MMDistributedDataParallel(model, device_ids=[cuda idx], ...) -> the wrapper for the run's device.
 
@@ -146,7 +192,7 @@ def _ddp_factory(original):
         kind = runtime.run_device()
         module = module.to(runtime.tensor_device())
         if runtime.tensor_device().type == 'cpu':
-            return original(module, device_ids=None, **kwargs)
+            return _cpu_ddp_class(original)(module, device_ids=None, **kwargs)
         if kind == 'npu':
             from mmcv.device.npu import NPUDistributedDataParallel
 
@@ -568,10 +614,16 @@ def _loss_voxel(original):
 
 
 def _evaluate(original):
-    """NuScenesDataset.evaluate: also hand the occupancy mIoU to bevkit.results (metrics.json)."""
+    """NuScenesDataset.evaluate: also hand the occupancy mIoU to bevkit.results (metrics.json), and write the
+    upstream results.csv into the run folder."""
 
     @functools.wraps(original)
     def evaluate(self, results, *args, **kwargs):
+        import os
+
+        if os.environ.get('BEVKIT_RUN_DIR') and not args:
+            # upstream writes results.csv under ./test/<config>/<time> (inside the checkout): keep it in the run
+            kwargs['jsonfile_prefix'] = os.path.join(os.environ['BEVKIT_RUN_DIR'], 'eval')
         out = original(self, results, *args, **kwargs)
         from .results import record_metrics
 
@@ -611,6 +663,10 @@ PATCHES = PatchSet("fbocc", [
     RuntimePatch("fbocc-current-device", "torch.cuda:current_device", _current_device, devices=NO_CUDA,
                  why="DDP construction passes torch.cuda.current_device(), which raises without CUDA; the DDP "
                      "factory ignores it."),
+    RuntimePatch("fbocc-init-dist-cpu", "mmcv.runner.dist_utils:_init_dist_pytorch", _init_dist_pytorch,
+                 devices=NO_CUDA,
+                 why="mmcv init_dist('pytorch') calls torch.cuda.set_device(rank % device_count()) off NPU: a "
+                     "ZeroDivisionError on CPU. CPU and emulated devices just join the gloo process group."),
     RuntimePatch("fbocc-ddp-train", "mmdet3d.apis.train:MMDistributedDataParallel", _ddp_factory,
                  why="DDP wrapper per device: mmcv NPUDistributedDataParallel on NPU, MMDistributedDataParallel "
                      "on CUDA, torch DDP (gloo, device_ids=None) on CPU."),

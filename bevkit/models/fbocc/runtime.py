@@ -151,6 +151,12 @@ def activate(entry_file: Optional[str] = None, device: Optional[str] = None,
 
     import bevkit.timing.mmcv_hook  # noqa: F401  (registers BevkitTimingHook with mmcv's HOOKS)
 
+    if kind == "npu" and emulated_device() != "npu":
+        import torch
+
+        # Private NPU tensor formats break FB-OCC's reshapes of 5-D tensors (the DrivingSDK recipe turns them off).
+        torch.npu.config.allow_internal_format = False  # type: ignore[attr-defined]
+
     _state["applied"] = applied
     return applied
 
