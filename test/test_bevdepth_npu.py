@@ -147,3 +147,74 @@ def test_optimizer_per_device(fake_npu):
     cpu_opt = make_optimizer(params, 2e-4, 1e-7, "cpu")
     assert type(cpu_opt) is torch.optim.AdamW and cpu_opt.defaults["foreach"] is True
     assert cpu_opt.defaults["weight_decay"] == 1e-7
+
+
+NPU_STEP = r'''
+import json, sys
+sys.path.insert(0, FAKES)
+import mx_driving, torch_npu  # the fakes
+assert mx_driving.__version__ == "0.0.fake" and torch_npu.FAKE
+from bevkit.device import emulate_device
+from bevkit.models.bevdepth.runtime import activate
+with emulate_device("npu"):
+    activate("npu")
+    import runpy, torch
+    from bevkit.models.bevdepth.patches import PATCHES
+    tiny = runpy.run_path(TINY, run_name="tiny")
+    model = tiny["BEVDepthLightningModel"](data_root="unused", default_root_dir=OUT, gpus=8,
+                                           batch_size_per_device=1)
+    import bevdepth.layers.backbones.base_lss_fpn as lss
+    geometry_is_ours = lss.BaseLSSFPN.get_geometry.__module__ == "bevkit.models.bevdepth.patches"
+    b, n = 1, 6
+    h, w = tiny["FINAL_DIM"]
+    imgs = torch.rand(b, 2, n, 3, h, w)
+    eye = torch.eye(4).repeat(b, 2, n, 1, 1)
+    intrin = eye.clone(); intrin[..., 0, 0] = intrin[..., 1, 1] = 100.0; intrin[..., 0, 2] = w / 2; intrin[..., 1, 2] = h / 2
+    mats = dict(sensor2ego_mats=eye.clone(), intrin_mats=intrin, ida_mats=eye.clone(),
+                sensor2sensor_mats=eye.clone(), bda_mat=torch.eye(4).repeat(b, 1, 1))
+    boxes = [torch.tensor([[10.0, 2.0, 0.0, 1.9, 4.5, 1.6, 0.3, 0.0, 0.0]])]
+    labels = [torch.tensor([0])]
+    depth = torch.zeros(b, 1, n, h, w); depth[..., 10:20, 30:40] = 12.0
+    model.train()
+    loss = model.training_step((imgs, mats, None, None, boxes, labels, depth))
+    loss.backward()
+    [[opt], [sched]] = model.configure_optimizers()
+    opt.step()
+    print("RESULT " + json.dumps(dict(
+        loss=float(loss), applied=PATCHES.applied, geometry_is_ours=geometry_is_ours,
+        optimizer=type(opt).__module__ + "." + type(opt).__name__, weight_decay=opt.defaults["weight_decay"],
+        lr=opt.defaults["lr"], voxel_calls=mx_driving.calls("npu_voxel_pooling_train"),
+        internal_format=torch.npu.config.allow_internal_format)))
+'''
+
+
+@pytest.mark.upstream
+def test_tiny_training_step_on_fake_npu(bevdepth_checkout, tmp_path):
+    """A training step of the tiny variant with NPU patches, NPU tensors emulated on the CPU: voxel pooling
+    reaches mx_driving within its documented contract, the optimizer is torch_npu's fused AdamW with
+    upstream's hyperparameters, the loss is finite."""
+    import json
+    import os
+    import subprocess
+
+    from bevkit import REPO_ROOT
+
+    pytest.importorskip("mmcv")
+    code = NPU_STEP.replace("FAKES", repr(str(FAKES))).replace("TINY", repr(
+        str(REPO_ROOT / "bevdepth/configs/bev_depth_tiny_smoke.py"))).replace("OUT", repr(str(tmp_path)))
+    env = dict(os.environ, BEVDEPTH_SRC=str(bevdepth_checkout), CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join([str(bevdepth_checkout), str(REPO_ROOT)]))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert result["loss"] == result["loss"] and abs(result["loss"]) < 1e6
+    assert {"get_geometry_rank4", "dcn_portable", "voxel_num_device", "head_targets_device"} <= set(result["applied"])
+    assert result["geometry_is_ours"]
+    assert result["optimizer"].endswith("NpuFusedAdamW") and result["weight_decay"] == 1e-7
+    assert result["lr"] == pytest.approx(2.5e-4 * 1 * 8)  # tiny variant's lr per image x batch x world size
+    calls = result["voxel_calls"]
+    assert len(calls) == 2  # key frame + previous key frame
+    assert all(c["B"] == 1 and c["N"] == 6 * 14 * 4 * 12 and c["C"] == 16 and c["voxel_num"] == [32, 32, 1]
+               for c in calls)
+    assert result["internal_format"] is False
