@@ -72,7 +72,7 @@ def test_trainer_on_8_fake_npus_uses_hccl_and_npu_amp(fake_npu, monkeypatch):
     from bevkit.models.bevdepth.cli import trainer_setup, world_size_of
 
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    monkeypatch.delenv("NNODES", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     kwargs = trainer_setup("npu", _cli_args())
     assert world_size_of(kwargs) == 8
     assert isinstance(kwargs["accelerator"], NPUAccelerator)
@@ -88,6 +88,16 @@ def test_trainer_on_8_fake_npus_uses_hccl_and_npu_amp(fake_npu, monkeypatch):
     assert isinstance(precision, NPUMixedPrecisionPlugin)
     assert precision.device == "npu" and precision.precision == "16"
     assert isinstance(precision.scaler, fake_npu.GradScaler)
+
+
+def test_nodes_and_devices_from_torchrun(fake_npu, monkeypatch):
+    from bevkit.models.bevdepth.cli import trainer_setup, world_size_of
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    kwargs = trainer_setup("npu", _cli_args(num_nodes=1))
+    assert kwargs["num_nodes"] == 2 and kwargs["devices"] == 8 and world_size_of(kwargs) == 16
+    assert trainer_setup("cpu", _cli_args(num_nodes=4))["num_nodes"] == 4  # an explicit --num_nodes wins
 
 
 def test_npu_autocast_device_type(fake_npu, monkeypatch):
@@ -124,7 +134,7 @@ def test_single_npu_and_cpu_cuda_setups(fake_npu, monkeypatch):
     from bevkit.models.bevdepth.cli import trainer_setup
 
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    monkeypatch.delenv("NNODES", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     single = trainer_setup("npu", _cli_args())
     assert isinstance(single["strategy"], SingleNPUStrategy)
     assert single["strategy"].root_device == torch.device("npu", 0)

@@ -70,7 +70,7 @@ def trainer_setup(device: str, args) -> dict:
     devices = args.devices or args.gpus or _env_int("LOCAL_WORLD_SIZE", 1)
     if isinstance(devices, str):
         devices = int(devices) if devices.isdigit() else devices
-    num_nodes = args.num_nodes or _env_int("NNODES", 1)
+    num_nodes = args.num_nodes if args.num_nodes not in (None, 1) else _nodes_from_torchrun()
     precision = args.precision
     kwargs = dict(devices=devices, num_nodes=num_nodes, gpus=None)
     ddp = isinstance(devices, int) and devices * num_nodes > 1 or num_nodes > 1
@@ -100,6 +100,12 @@ def trainer_setup(device: str, args) -> dict:
     if kwargs.get("strategy") is None:
         kwargs.pop("strategy")
     return kwargs
+
+
+def _nodes_from_torchrun() -> int:
+    """Nodes of this torchrun job (WORLD_SIZE / LOCAL_WORLD_SIZE); 1 outside torchrun."""
+    world, local = _env_int("WORLD_SIZE", 0), _env_int("LOCAL_WORLD_SIZE", 0)
+    return max(1, world // local) if world and local else 1
 
 
 def _single_npu_strategy():
