@@ -173,3 +173,40 @@ def test_patch_is_small_and_keeps_crlf():
         section = data.split(b"diff --git a/")[[i for i, f in enumerate(files) if f.endswith(crlf)][0] + 1]
         added = [line for line in section.split(b"\n") if line.startswith(b"+") and not line.startswith(b"+++")]
         assert added and all(line.endswith(b"\r") for line in added)
+
+
+def test_sync_bn_policy_reverts_hard_coded_syncbn():
+    pytest.importorskip("mmcv")
+    import torch
+    import torch.nn as nn
+
+    from bevkit.compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()  # mmcv.cnn imports torchvision (CUDA-built wheel on a CPU torch)
+    from bevkit.models.fbocc.patches import apply_sync_bn_policy
+
+    def make():  # like FBOCC's history convs: a hard-coded nn.SyncBatchNorm on 5-D input
+        return nn.Sequential(nn.Conv3d(4, 8, 1), nn.SyncBatchNorm(8), nn.ReLU())
+
+    kept = apply_sync_bn_policy(make(), device="npu", world=8)
+    assert isinstance(kept[1], nn.SyncBatchNorm)
+    local = apply_sync_bn_policy(make(), device="cpu", world=2)
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in local.modules())
+    assert local(torch.randn(2, 4, 3, 5, 5)).shape == (2, 8, 3, 5, 5)  # BatchNorm that accepts 5-D input
+
+
+@pytest.mark.parametrize("script,mode,entry", [("train_8p_full.sh", "full", "tools/train.py"),
+                                               ("train_8p_performance.sh", "performance", "tools/train.py")])
+def test_8p_scripts_dry_run_the_npu_command(script, mode, entry, tmp_path):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    proc = subprocess.run([str(REPO / "fbocc" / "test" / script), "--data-root", str(tmp_path), "--device", "npu",
+                           "--dry-run", "--no-data-check"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    command = proc.stdout
+    assert "--nproc_per_node=8" in command and entry in command and "--launcher pytorch" in command
+    assert f"data_root={tmp_path}/" in command and "BEVKIT_DEVICE=npu" in command
+    assert "fbocc_r50_8p" in command
+    assert not any(tmp_path.iterdir())  # a dry run creates nothing
