@@ -2,15 +2,16 @@
 
     out.row(dst[k]) += vals[k] * dense[src[k], :]        for k in range(P)
 
-(the output is channels-first [B, C, cells]; row r is out[r // cells, :, r % cells]) is a sparse matrix (P non-zeros) times a dense matrix. Formulating it that way avoids ever holding the
-P x C product in memory (P ~ 10^5..10^6 points, C = 80): on CPU the product is computed by torch's CSR
-sparse-dense matmul (MKL) when the points are sorted by ``dst`` (or by ``src``), with a custom backward:
+(the output is channels-first [B, C, cells]; row r is out[r // cells, :, r % cells]) is a sparse matrix
+(P non-zeros) times a dense matrix. Formulating it that way avoids ever holding the P x C product in memory
+(P ~ 10^5..10^6 points, C = 80): on CPU the product is computed by torch's CSR sparse-dense matmul (MKL) when
+the points are sorted by ``dst`` (or by ``src``), block by block of output rows, with a custom backward:
 
-    grad_dense = A^T @ grad_out                     (a sparse-dense matmul again)
+    grad_dense = A^T @ grad_out                     (gather + index_add_ per block of output rows)
     grad_vals[k] = <grad_out[dst[k]], dense[src[k]]> (a sampled dense-dense matmul, SDDMM)
 
 Elsewhere (or when nothing is sorted) it runs in bounded chunks of gather + multiply + ``index_add_``.
-Both are deterministic on CPU (CSR rows are reduced by one thread each; CPU ``index_add_`` is sequential).
+Both are deterministic on CPU (CSR rows are reduced by one thread each; CPU ``index_add_`` is deterministic).
 """
 from __future__ import annotations
 
@@ -132,11 +133,15 @@ class WeightedScatter(torch.autograd.Function):
         if ctx.use_csr and ctx.order == "dst":
             for b, c0, c1, a in _row_blocks(ctx.crow, ctx.col, vals, batch, cells, c, dense.shape[0]):
                 g = grad_out[b, :, c0:c1].t().contiguous()
-                if want_dense:
-                    grad_dense += a.t() @ g
+                k0 = int(ctx.crow[b * cells + c0])
+                k1 = k0 + a._nnz()
                 if want_vals:
-                    k0 = int(ctx.crow[b * cells + c0])
-                    grad_vals[k0:k0 + a._nnz()] = _sddmm(a, g, dense)
+                    grad_vals[k0:k1] = _sddmm(a, g, dense)
+                if want_dense:
+                    # A^T @ g as gather + index_add_: torch would turn the transposed CSR into a new CSR by
+                    # sorting (per block), which is slow, and pathologically so with several threads.
+                    gk = g.index_select(0, dst[k0:k1] - (b * cells + c0))
+                    grad_dense.index_add_(0, src[k0:k1], gk.mul_(vals[k0:k1, None]))
             return grad_vals, grad_dense, None, None, None, None, None
         # Rows layout [n_out + 1, C] with a zero trash row: one copy of the (channels-first) gradient.
         g = grad_out.new_empty(n_out + 1, c)
