@@ -638,6 +638,17 @@ def test_mmcv_signature_drop_in_and_broadcast_reference_points():
         ops.depth_weighted_deformable_attn(value, shapes, starts, loc, attn, depth_prob, upstream_view, bins), flat)
 
 
+def test_mmcv_function_compat_shim():
+    value, shapes, starts, loc, attn = msda_case(7)
+    out = ops.MultiScaleDeformableAttnFunctionCompat.apply(value, shapes, starts, loc, attn, 64)
+    torch.testing.assert_close(out, msda_reference(value, shapes, starts, loc, attn))
+    from bevkit.ops import deform_attn
+    fake_mmcv = type("M", (), {"MultiScaleDeformableAttnFunction": ops.MultiScaleDeformableAttnFunctionCompat})
+    with pytest.MonkeyPatch.context() as mp, ops.force_backend("cuda"):
+        mp.setattr(deform_attn, "optional_import", lambda name: fake_mmcv)
+        torch.testing.assert_close(ops.multi_scale_deformable_attn(value, shapes, starts, loc, attn), out)
+
+
 def test_forced_cuda_backend_on_cpu_tensors_never_calls_a_cuda_kernel(caplog, monkeypatch):
     class FakeKernel:
         @staticmethod

@@ -7,8 +7,8 @@ portable PyTorch); ``force_backend(name)`` or ``BEVKIT_OPS_BACKEND={portable,npu
 from __future__ import annotations
 
 from bevkit.ops.bev_pool import bev_pool_v2, compute_intervals
-from bevkit.ops.deform_attn import (depth_weighted_deformable_attn, depth_weights, multi_scale_deformable_attn,
-                                    multi_scale_deformable_attn_pytorch)
+from bevkit.ops.deform_attn import (MultiScaleDeformableAttnFunctionCompat, depth_weighted_deformable_attn,
+                                    depth_weights, multi_scale_deformable_attn, multi_scale_deformable_attn_pytorch)
 from bevkit.ops.deform_conv import deform_conv2d
 from bevkit.ops.dispatch import BACKENDS, backend_for, force_backend, forced_backend
 from bevkit.ops.focal_loss import sigmoid_focal_loss
@@ -20,6 +20,6 @@ __all__ = [
     "bev_pool_v2", "compute_intervals",
     "voxel_pooling_train", "voxel_pooling_inference",
     "multi_scale_deformable_attn", "depth_weighted_deformable_attn", "depth_weights",
-    "multi_scale_deformable_attn_pytorch",
+    "multi_scale_deformable_attn_pytorch", "MultiScaleDeformableAttnFunctionCompat",
     "grid_sample_3d", "sigmoid_focal_loss", "deform_conv2d",
 ]

@@ -95,6 +95,8 @@ def multi_scale_deformable_attn(value: torch.Tensor, spatial_shapes: torch.Tenso
     elif backend == "cuda":
         mod = optional_import("mmcv.ops.multi_scale_deform_attn")
         fn = getattr(mod, "MultiScaleDeformableAttnFunction", None)
+        if fn is MultiScaleDeformableAttnFunctionCompat:  # a runtime patch put us there: no recursion
+            fn = None
         if fn is None:
             log_once(OP, "mmcv's compiled MultiScaleDeformableAttnFunction is not importable; using the portable "
                          "code")
@@ -354,3 +356,18 @@ def multi_scale_deformable_attn_pytorch(value: torch.Tensor, value_spatial_shape
     starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
     out = multi_scale_deformable_attn(value, shapes, starts, sampling_locations, attention_weights)
     return out.to(value.dtype)
+
+
+class MultiScaleDeformableAttnFunctionCompat:
+    """Drop-in for mmcv's ``MultiScaleDeformableAttnFunction`` (only ``apply``, same positional arguments).
+
+    For a runtime patch of mmcv's ``MultiScaleDeformableAttention`` on NPU, where torch_npu's transfer_to_npu
+    sends NPU tensors down mmcv's CUDA branch. Do not install it on CUDA: there the compiled kernel is the point
+    (bevkit's cuda backend refuses it and runs the portable code instead of recursing).
+    """
+
+    @staticmethod
+    def apply(value, value_spatial_shapes, value_level_start_index, sampling_locations, attention_weights,
+              im2col_step=64):
+        return multi_scale_deformable_attn(value, value_spatial_shapes, value_level_start_index,
+                                           sampling_locations, attention_weights, im2col_step)
