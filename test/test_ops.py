@@ -695,3 +695,18 @@ def test_portable_ops_are_deterministic_on_cpu(op):
         runs.append([out] + list(torch.autograd.grad((out * out).sum(), leaves)))
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+def test_rebound_mmcv_functions_do_not_recurse(monkeypatch):
+    """A runtime patch may rebind mmcv's deform_conv2d / sigmoid_focal_loss to ours; the kernel path must notice."""
+    from bevkit.ops import deform_conv, focal_loss
+    for mod, name in ((deform_conv, "deform_conv2d"), (focal_loss, "sigmoid_focal_loss")):
+        monkeypatch.setattr(mod, "real_device", lambda t: "cuda")
+        monkeypatch.setattr(mod, "optional_import", lambda m, name=name: type("M", (), {name: getattr(ops, name)}))
+    inp, offset, weight, kw = deform_case(3, n=1, cin=2, cout=2, h=4, w=4, groups=1, dg=1)
+    pred, target = torch.randn(3, 2, dtype=D64), torch.tensor([0, 2, 1])
+    with ops.force_backend("cuda"):
+        dcn = ops.deform_conv2d(inp, offset, weight, **kw)
+        focal = ops.sigmoid_focal_loss(pred, target, reduction="sum")
+    torch.testing.assert_close(dcn, deform_conv_reference(inp, offset, weight, 1, 1, 1, 1, 1))
+    torch.testing.assert_close(focal, focal_reference(pred, target, 2.0, 0.25, None).sum())

@@ -49,6 +49,8 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
     if backend in ("cuda", "npu") and real_device(input) in ("cuda", "npu"):
         mod = optional_import("mmcv.ops.deform_conv")
         fn = getattr(mod, "deform_conv2d", None)
+        if fn is deform_conv2d:  # a runtime patch rebound mmcv's function to this one: no recursion
+            fn = None
         if fn is not None:
             out = fn(input, offset, weight, (sh, sw), (ph, pw), (dh, dw), groups, deform_groups, False,
                      im2col_step)

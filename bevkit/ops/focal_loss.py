@@ -42,6 +42,8 @@ def sigmoid_focal_loss(pred: torch.Tensor, target: torch.Tensor, gamma: float = 
     if backend in ("cuda", "npu") and real_device(pred) in ("cuda", "npu"):
         mod = optional_import("mmcv.ops.focal_loss")
         fn = getattr(mod, "sigmoid_focal_loss", None)
+        if fn is sigmoid_focal_loss:  # a runtime patch rebound mmcv's function to this one: no recursion
+            fn = None
         if fn is not None:
             return fn(pred, target, gamma, alpha, weight, reduction)
         log_once(OP, "mmcv's compiled sigmoid_focal_loss is not importable; using the portable code")
