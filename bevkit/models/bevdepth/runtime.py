@@ -43,8 +43,11 @@ def ensure_upstream_importable() -> Path:
     import importlib
     import importlib.util
 
-    spec = importlib.util.find_spec("bevdepth.exps")
-    if spec is not None:
+    try:
+        spec = importlib.util.find_spec("bevdepth.exps")
+    except ModuleNotFoundError:  # no `bevdepth` on sys.path at all
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
         return Path(list(spec.submodule_search_locations)[0]).parent.parent
     checkout = upstream_checkout()
     if not (checkout / "bevdepth" / "exps").is_dir():
