@@ -146,7 +146,7 @@ def _get_stream(original):
 
 def _ddp_run_forward(original):
     """mmcv 1.7's MMDistributedDataParallel._run_ddp_forward reads ``_use_replicated_tensor_module``, an attribute
-    torch DDP only had around 1.13/2.0; without it every DDP forward (evaluation) raises AttributeError."""
+    of torch 1.13-era DDP; without it every DDP forward (evaluation) raises AttributeError."""
 
     def _run_ddp_forward(self, *inputs, **kwargs):
         module_to_run = self.module
@@ -179,7 +179,8 @@ PATCHES = PatchSet("common", [
         name="mmcv-ddp-run-forward",
         target="mmcv.parallel.distributed:MMDistributedDataParallel._run_ddp_forward",
         build=_ddp_run_forward,
-        why="mmcv 1.7 reads DDP's _use_replicated_tensor_module, which current torch (and torch 2.1) lacks: "
-            "distributed evaluation (model(return_loss=False) under DDP) fails with AttributeError."),
+        why="mmcv 1.7 reads DDP's _use_replicated_tensor_module, which torch 2.13 no longer has (the DrivingSDK "
+            "port replaces this method on torch 2.1 too): distributed evaluation (model(return_loss=False) under "
+            "DDP) fails with AttributeError. Same behaviour, attribute read only when present."),
 ])
 
