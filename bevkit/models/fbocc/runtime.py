@@ -94,6 +94,11 @@ def _stub_bev_pool_ext() -> None:
             return
     except (ImportError, ValueError):
         pass
+    if run_device() == "cuda" and emulated_device() != "cuda":
+        # bevkit.ops uses the compiled kernel on CUDA: a placeholder would only fail later, inside the model.
+        raise RuntimeError("FB-BEV's CUDA extension mmdet3d.ops.bev_pool_v2.bev_pool_v2_ext is not built: run "
+                           "setup.sh on this machine (it builds it with CUDA), or 'cd upstream/FB-BEV && pip "
+                           "install --no-build-isolation --no-deps -e .'")
     stub = types.ModuleType(name)
 
     def _missing(*_args, **_kwargs):
