@@ -210,3 +210,24 @@ def test_8p_scripts_dry_run_the_npu_command(script, mode, entry, tmp_path):
     assert f"data_root={tmp_path}/" in command and "BEVKIT_DEVICE=npu" in command
     assert "fbocc_r50_8p" in command
     assert not any(tmp_path.iterdir())  # a dry run creates nothing
+
+
+def test_wrapper_factory_keeps_class_semantics():
+    from bevkit.models.fbocc.patches import _factory_class
+
+    class Wrapper:  # stands in for MMDistributedDataParallel
+        def __init__(self, module, device_ids=None, **kwargs):
+            self.module, self.device_ids = module, device_ids
+
+    class NpuWrapper(Wrapper):
+        pass
+
+    patched = _factory_class(Wrapper, lambda module, device_ids, **kw: NpuWrapper(module, device_ids=[3], **kw))
+    made = patched("model", device_ids=[0])
+    assert type(made) is NpuWrapper and made.device_ids == [3] and isinstance(made, Wrapper)
+
+    class Later(patched):  # e.g. a wrapper class defined after activation
+        pass
+
+    later = Later("model", device_ids=[1])
+    assert type(later) is Later and later.device_ids == [1]

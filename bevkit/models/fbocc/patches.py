@@ -199,8 +199,22 @@ def _ddp_factory(original):
             return NPUDistributedDataParallel(module, device_ids=[runtime.local_rank()], **kwargs)
         return original(module, device_ids=[runtime.local_rank()], **kwargs)
 
-    make.__bevkit_original__ = original
-    return make
+    return _factory_class(original, make)
+
+
+def _factory_class(original, make):
+    """A subclass of ``original`` whose constructor returns the device's wrapper (an instance of ``original``
+    or of one of its subclasses), so the patched name still works with isinstance and as a base class."""
+
+    class DeviceWrapper(original):
+        def __new__(cls, module, device_ids=None, **kwargs):
+            if cls is not DeviceWrapper:  # a subclass defined after patching: plain construction
+                return super().__new__(cls)
+            return make(module, device_ids, **kwargs)
+
+    DeviceWrapper.__name__ = DeviceWrapper.__qualname__ = f"Device{original.__name__}"
+    DeviceWrapper.__bevkit_original__ = original
+    return DeviceWrapper
 
 
 def _dp_factory(original):
@@ -217,8 +231,7 @@ def _dp_factory(original):
             return NPUDataParallel(module, device_ids=[runtime.local_rank()], **kwargs)
         return original(module, device_ids=[runtime.local_rank()], **kwargs)
 
-    make.__bevkit_original__ = original
-    return make
+    return _factory_class(original, make)
 
 
 class _TorchWithRunDevice:
