@@ -27,7 +27,7 @@ def test_smoke_script_trains_and_evaluates(fbbev_checkout, tmp_path_factory, tmp
 
     source = dataset(tmp_path_factory, image_size=(1600, 900), train_scenes=2, val_scenes=2, samples_per_scene=6)
     data_root = hardlink_copy(source, tmp_path / "nuscenes")
-    env = dict(os.environ, PYTHON=sys.executable, FBBEV_ROOT=str(fbbev_checkout),
+    env = dict(os.environ, BEVKIT_PYTHON=sys.executable, FBBEV_ROOT=str(fbbev_checkout),
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     env.pop("BEVKIT_EMULATE_DEVICE", None)
     proc = subprocess.run([str(REPO / "fbocc" / "test" / "train_smoke.sh"), "--data-root", str(data_root),
