@@ -72,7 +72,7 @@ def test_sync_bn_policy():
     assert sync_bn_policy("cpu", 2) == "local"
 
 
-def test_rebase_data_paths_follow_data_root():
+def test_rebase_data_paths_follow_data_root(tmp_path):
     mmcv = pytest.importorskip("mmcv")
     from bevkit.models.fbocc.config import propagate_shared, rebase_data_paths
 
@@ -84,13 +84,20 @@ def test_rebase_data_paths_follow_data_root():
                              pipeline=[dict(type="PrepareImageInputs", data_config=dict(input_size=(256, 704))),
                                        dict(type="LoadOccupancy", occupancy_path="/mount/x/gts")]),
                   val=dict(ann_file="data/nuscenes/bevdetv2-nuscenes_infos_val.pkl", occupancy_path="/mount/x"))))
-    cfg.merge_from_dict({"data_root": "/d/nus"})
+    root = tmp_path / "nus"
+    (root / "ckpts").mkdir(parents=True)
+    cfg.merge_from_dict({"data_root": str(root)})
+    fresh = cfg.copy()
     rebase_data_paths(cfg)
-    assert cfg.data.train.ann_file == "/d/nus/bevdetv2-nuscenes_infos_train.pkl"
-    assert cfg.data.val.ann_file == "/d/nus/bevdetv2-nuscenes_infos_val.pkl"
-    assert cfg.data.train.pipeline[1].occupancy_path == "/d/nus/gts" == cfg.data.val.occupancy_path
-    assert cfg.load_from == "/d/nus/ckpts/r50_256x705_depth_pretrain.pth"
-    assert cfg.model.img_backbone.pretrained == "/d/nus/ckpts/resnet50-0676ba61.pth"
+    assert cfg.data.train.ann_file == f"{root}/bevdetv2-nuscenes_infos_train.pkl"
+    assert cfg.data.val.ann_file == f"{root}/bevdetv2-nuscenes_infos_val.pkl"
+    assert cfg.data.train.pipeline[1].occupancy_path == f"{root}/gts" == cfg.data.val.occupancy_path
+    assert cfg.load_from == f"{root}/ckpts/r50_256x705_depth_pretrain.pth"
+    assert cfg.model.img_backbone.pretrained == f"{root}/ckpts/resnet50-0676ba61.pth"
+    (root / "ckpts").rmdir()  # no DATA_ROOT/ckpts: checkpoints stay where upstream expects them
+    rebase_data_paths(fresh)
+    assert fresh.load_from == "ckpts/r50_256x705_depth_pretrain.pth"
+    assert fresh.data.train.ann_file == f"{root}/bevdetv2-nuscenes_infos_train.pkl"
     assert propagate_shared(cfg) and cfg.data.train.pipeline[0].data_config.input_size == (128, 352)
 
 

@@ -5,7 +5,8 @@
 # Paths: every data and checkpoint path follows `data_root` (the kit rebases them after --cfg-options are
 # merged, see bevkit/models/fbocc/config.py): DATA_ROOT/bevdetv2-nuscenes_infos_{train,val}.pkl,
 # DATA_ROOT/gts (Occ3D), DATA_ROOT/ckpts/{resnet50-0676ba61.pth,r50_256x705_depth_pretrain.pth}
-# (or --cfg-options ckpt_dir=DIR). The launcher passes data_root.
+# (or --cfg-options ckpt_dir=DIR; without either, ckpts/ in the FB-BEV checkout as upstream). The launcher
+# passes data_root.
 import os
 
 # The upstream checkout: FBBEV_ROOT (set by the kit from the entry script) or upstream/FB-BEV in the kit.

@@ -57,7 +57,8 @@ def rebase_data_paths(cfg, data_root: Optional[str] = None, ckpt_dir: Optional[s
     - ``data.{train,val,test}.ann_file`` -> DATA_ROOT/<same file name>; ``data_root`` keys -> DATA_ROOT;
     - every ``occupancy_path`` (top level, datasets, pipelines) -> DATA_ROOT/gts;
     - relative checkpoint paths (``load_from``, backbone ``pretrained``) -> CKPT_DIR/<file name>, where
-      CKPT_DIR is ``cfg.ckpt_dir`` or DATA_ROOT/ckpts.
+      CKPT_DIR is ``cfg.ckpt_dir``, else DATA_ROOT/ckpts when that folder exists; otherwise they stay relative to
+      the working directory, as upstream has them (ckpts/ in the FB-BEV checkout).
     Returns what changed (for the log).
     """
     data_root = data_root or cfg.get("data_root")
@@ -79,7 +80,11 @@ def rebase_data_paths(cfg, data_root: Optional[str] = None, ckpt_dir: Optional[s
             node["occupancy_path"] = gts
         if "data_root" in node and isinstance(node["data_root"], str):
             node["data_root"] = data_root
-    ckpt_dir = ckpt_dir or cfg.get("ckpt_dir") or _join(data_root, "ckpts")
+    ckpt_dir = ckpt_dir or cfg.get("ckpt_dir")
+    if not ckpt_dir and os.path.isdir(_join(data_root, "ckpts")):
+        ckpt_dir = _join(data_root, "ckpts")
+    if not ckpt_dir:  # upstream layout: ckpts/ relative to the working directory (the FB-BEV checkout)
+        return changed
     load_from = cfg.get("load_from")
     if isinstance(load_from, str) and not os.path.isabs(load_from):
         cfg.load_from = _join(ckpt_dir, posixpath.basename(load_from))
