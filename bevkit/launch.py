@@ -634,6 +634,17 @@ def finish(plan: Plan, exit_code: int, e2e_s: float, warmup: Optional[int], out=
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(split_passthrough(argv)[0])
+    if args.mode == "smoke" and args.spec is None:  # the whole pipeline: data, preparation, training, eval
+        from bevkit.smoke import run
+
+        return run(argv, launch_once)
+    return launch_once(argv)[0]
+
+
+def launch_once(argv: Sequence[str]) -> Tuple[int, Optional[Path]]:
+    """One torchrun launch: (exit code, run folder; the planned one on a dry run, None when refused)."""
+    argv = list(argv)
     own, extra = split_passthrough(argv)
     parser = build_parser()
     args = parser.parse_args(own)
@@ -653,14 +664,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 plan.notes.append(f"data check skipped: validator {state}")
         if args.dry_run:
             print_dry_run(plan)
-            return 0
+            return 0, plan.request.run_dir
         run_dir = next_run_dir(plan.work_dir, plan.node_rank if plan.request.nnodes > 1 else None)
         if run_dir != plan.request.run_dir:  # the planned name was taken meanwhile: plan with the real one
             args.master_port = plan.master_port
             plan = make_plan(args, extra, spec=plan.spec, run_dir=run_dir)
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 2, None
     from bevkit.results import atomic_write_json
 
     atomic_write_json(plan.request.run_dir / LAUNCH_FILE, launch_record(plan, [sys.argv[0]] + argv))
@@ -676,7 +687,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: could not start {plan.argv[0]}: {e}", file=sys.stderr)
         rc = 127
     finish(plan, rc, time.monotonic() - start, args.warmup_steps)
-    return rc
+    return rc, plan.request.run_dir
 
 
 if __name__ == "__main__":

@@ -58,6 +58,11 @@ class ModelSpec:
     configs: Dict[str, str] = field(default_factory=dict)
     #: LaunchRequest -> samples per device actually used (configs may override the reference batch)
     samples_per_device_for: Optional[Callable[[LaunchRequest], int]] = None
+    #: smoke runs: data preparation as (module, options...), run as ``python -m module DATA_ROOT options...``
+    smoke_prepare: Tuple[str, ...] = ()
+    #: smoke runs: checkpoint file in the training run folder to evaluate afterwards with mode 'eval'
+    #: (None: the smoke training evaluates by itself)
+    smoke_eval_checkpoint: Optional[str] = None
     #: steps a performance run trains for (None: the launcher's default, 600 like the FB-OCC reference)
     performance_steps: Optional[int] = None
 

@@ -86,4 +86,7 @@ SPEC = ModelSpec(
     build_entry=build_entry,
     configs={"full": REFERENCE_EXP, "performance": REFERENCE_EXP, "eval": REFERENCE_EXP, "smoke": SMOKE_EXP},
     samples_per_device_for=batch_per_device,
+    smoke_prepare=("bevkit.models.bevdepth.prepare",),  # info files + offline depth ground truth
+    # One epoch of nuScenes train at global batch 64 (28130 // 64), the DrivingSDK performance recipe.
+    performance_steps=28130 // 64,
 )

@@ -91,4 +91,6 @@ SPEC = ModelSpec(
     build_entry=build_entry,
     configs=dict(CONFIGS),
     samples_per_device_for=samples_per_device_for,
+    smoke_prepare=("bevkit.models.fbocc.prepare", "--no-checkpoints"),  # the tiny config is trained from scratch
+    smoke_eval_checkpoint="latest.pth",  # tools/test.py on what the smoke training wrote
 )
