@@ -612,9 +612,7 @@ def test_force_backend_and_env(monkeypatch):
 
 
 def test_cuda_backend_without_kernels_falls_back_to_portable_and_logs_once(caplog, monkeypatch):
-    monkeypatch.setattr(dispatch, "optional_import", lambda name: None)
-    for mod in (bev_pool_mod, vp_mod):
-        monkeypatch.setattr(mod, "optional_import", lambda name: None)
+    monkeypatch.setattr(dispatch, "optional_import", lambda name: None)  # the one lookup of compiled kernels
     dispatch.reset_log_once()
     depth, feat, rd, rf, rb, shape = random_bev_case(0)
     with ops.force_backend("cuda"), caplog.at_level("WARNING", logger="bevkit.ops"):
@@ -642,10 +640,9 @@ def test_mmcv_function_compat_shim():
     value, shapes, starts, loc, attn = msda_case(7)
     out = ops.MultiScaleDeformableAttnFunctionCompat.apply(value, shapes, starts, loc, attn, 64)
     torch.testing.assert_close(out, msda_reference(value, shapes, starts, loc, attn))
-    from bevkit.ops import deform_attn
     fake_mmcv = type("M", (), {"MultiScaleDeformableAttnFunction": ops.MultiScaleDeformableAttnFunctionCompat})
     with pytest.MonkeyPatch.context() as mp, ops.force_backend("cuda"):
-        mp.setattr(deform_attn, "optional_import", lambda name: fake_mmcv)
+        mp.setattr(dispatch, "optional_import", lambda name: fake_mmcv)
         torch.testing.assert_close(ops.multi_scale_deformable_attn(value, shapes, starts, loc, attn), out)
 
 
@@ -656,8 +653,7 @@ def test_forced_cuda_backend_on_cpu_tensors_never_calls_a_cuda_kernel(caplog, mo
             raise AssertionError("a CUDA kernel got CPU tensors")
 
     fake_mod = type("M", (), {"MultiScaleDeformableAttnFunction": FakeKernel})
-    from bevkit.ops import deform_attn
-    monkeypatch.setattr(deform_attn, "optional_import", lambda name: fake_mod)
+    monkeypatch.setattr(dispatch, "optional_import", lambda name: fake_mod)
     dispatch.reset_log_once()
     value, shapes, starts, loc, attn = msda_case(5)
     with ops.force_backend("cuda"), caplog.at_level("WARNING", logger="bevkit.ops"):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from bevkit.ops._scatter import csr_supported, weighted_scatter
-from bevkit.ops.dispatch import backend_for, log_once, mx_driving, on_cuda, optional_import
+from bevkit.ops.dispatch import log_once, run_op
 
 OP = "bev_pool_v2"
 
@@ -86,24 +86,19 @@ def bev_pool_v2(depth: torch.Tensor, feat: torch.Tensor, ranks_depth: torch.Tens
     """
     shape = _check(depth, feat, ranks_depth, ranks_feat, ranks_bev, bev_feat_shape,
                    interval_starts, interval_lengths)
-    backend = backend_for(feat)
-    if backend == "npu":
-        mx = mx_driving(OP)
-        if mx is not None:
-            out = _npu(mx, depth, feat, ranks_depth, ranks_feat, ranks_bev, shape)
-            if out is not None:
-                return out
-    elif backend == "cuda":
-        mod = optional_import("mmdet3d.ops.bev_pool_v2.bev_pool")
-        kernel = getattr(mod, "bev_pool_v2", None)
-        if kernel is not None and on_cuda(feat, OP):
-            if interval_starts is None:
-                interval_starts, interval_lengths = compute_intervals(ranks_bev)
-            return kernel(depth, feat, ranks_depth, ranks_feat, ranks_bev, list(shape),
-                          interval_starts, interval_lengths)
-        if kernel is None:
-            log_once(OP, "FB-BEV's compiled bev_pool_v2_ext is not importable; using the portable code")
-    return _portable(depth, feat, ranks_depth, ranks_feat, ranks_bev, shape, interval_starts is not None)
+
+    def cuda(kernel):
+        starts, lengths = interval_starts, interval_lengths
+        if starts is None:
+            starts, lengths = compute_intervals(ranks_bev)
+        return kernel(depth, feat, ranks_depth, ranks_feat, ranks_bev, list(shape), starts, lengths)
+
+    return run_op(
+        OP, feat,
+        portable=lambda: _portable(depth, feat, ranks_depth, ranks_feat, ranks_bev, shape,
+                                   interval_starts is not None),
+        npu=lambda mx: _npu(mx, depth, feat, ranks_depth, ranks_feat, ranks_bev, shape),
+        cuda=("mmdet3d.ops.bev_pool_v2.bev_pool", "bev_pool_v2", cuda, "FB-BEV's compiled bev_pool_v2_ext"))
 
 
 def _portable(depth, feat, ranks_depth, ranks_feat, ranks_bev, shape, trusted_sorted: bool) -> torch.Tensor:

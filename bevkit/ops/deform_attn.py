@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from bevkit.ops.dispatch import backend_for, log_once, mx_driving, on_cuda, optional_import
+from bevkit.ops.dispatch import backend_for, log_once, run_op
 
 OP = "multi_scale_deformable_attn"
 OP_DEPTH = "depth_weighted_deformable_attn"
@@ -85,26 +85,21 @@ def multi_scale_deformable_attn(value: torch.Tensor, spatial_shapes: torch.Tenso
     attention_weights.
     """
     _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    backend = backend_for(value)
-    if backend == "npu":
-        mx = mx_driving(OP)
-        if mx is not None:
-            out = _npu(mx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-            if out is not None:
-                return out
-    elif backend == "cuda":
-        mod = optional_import("mmcv.ops.multi_scale_deform_attn")
-        fn = getattr(mod, "MultiScaleDeformableAttnFunction", None)
-        if fn is MultiScaleDeformableAttnFunctionCompat:  # a runtime patch put us there: no recursion
-            fn = None
-        if fn is None:
-            log_once(OP, "mmcv's compiled MultiScaleDeformableAttnFunction is not importable; using the portable "
-                         "code")
-        elif on_cuda(value, OP):
-            cd = _compute_dtype(value)
-            return fn.apply(value.to(cd), spatial_shapes, level_start_index, sampling_locations.to(cd),
-                            attention_weights.to(cd), im2col_step)
-    return _portable(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+    def cuda(fn):
+        if fn is MultiScaleDeformableAttnFunctionCompat:  # a runtime patch pointed mmcv at us: no recursion
+            log_once(OP, "mmcv's MultiScaleDeformableAttnFunction is bevkit's own here; using the portable code")
+            return None
+        cd = _compute_dtype(value)
+        return fn.apply(value.to(cd), spatial_shapes, level_start_index, sampling_locations.to(cd),
+                        attention_weights.to(cd), im2col_step)
+
+    return run_op(
+        OP, value,
+        portable=lambda: _portable(value, spatial_shapes, level_start_index, sampling_locations, attention_weights),
+        npu=lambda mx: _npu(mx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights),
+        cuda=("mmcv.ops.multi_scale_deform_attn", "MultiScaleDeformableAttnFunction", cuda,
+              "mmcv's compiled MultiScaleDeformableAttnFunction"))
 
 
 def _levels(spatial_shapes, level_start_index, num_keys: int, op=OP) -> List[Tuple[int, int, int]]:

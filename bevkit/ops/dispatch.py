@@ -7,9 +7,9 @@ or, when nothing is forced, the device of the op's main input tensor (``bevkit.d
 * ``'cuda'`` -> ``'cuda'``: the upstream / mmcv compiled kernels when importable, else the portable code;
 * ``'cpu'``  -> ``'portable'``: our own PyTorch implementations.
 
-Each op module asks :func:`backend_for` and falls back to ``'portable'`` itself (logging once, via
-:func:`log_once`) when its backend cannot run a call: a missing library, or a documented kernel limit that
-splitting cannot satisfy.
+Ops run through :func:`run_op`, which falls back to ``'portable'`` (logging once, via :func:`log_once`) when
+the chosen backend cannot run a call: a missing library, or a documented kernel limit that splitting cannot
+satisfy.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 import threading
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 from bevkit.device import device_type
 
@@ -129,3 +129,32 @@ def on_cuda(tensor, op: str) -> bool:
         return True
     log_once(op, f"cuda backend chosen for a {real_device(tensor)} tensor; using the portable code")
     return False
+
+
+def run_op(op: str, tensor, portable: Callable[[], Any],
+           npu: Optional[Callable[[Any], Any]] = None,
+           cuda: Optional[Tuple[str, str, Callable[[Any], Any], str]] = None) -> Any:
+    """Run ``op`` on the backend chosen for ``tensor``, falling back to ``portable()``.
+
+    ``npu(mx_driving)`` returns the result, or None when the call cannot run within mx_driving's limits.
+    ``cuda = (module, attribute, call, what)``: ``call(kernel)`` runs the compiled kernel found at
+    ``module.attribute`` (missing or None: not built here, logged once naming ``what``), or returns None to fall
+    back.
+    """
+    backend = backend_for(tensor)
+    if backend == "npu" and npu is not None:
+        mx = mx_driving(op)
+        if mx is not None:
+            out = npu(mx)
+            if out is not None:
+                return out
+    elif backend == "cuda" and cuda is not None:
+        module, attribute, call, what = cuda
+        kernel = getattr(optional_import(module), attribute, None)
+        if kernel is None:
+            log_once(op, f"{what} ({module}.{attribute}) is not importable; using the portable code")
+        elif on_cuda(tensor, op):
+            out = call(kernel)
+            if out is not None:
+                return out
+    return portable()

@@ -29,7 +29,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from bevkit.ops._scatter import CHUNK_ELEMENTS, csr_supported, weighted_scatter
-from bevkit.ops.dispatch import backend_for, log_once, mx_driving, on_cuda, optional_import
+from bevkit.ops.dispatch import log_once, run_op
 
 OP_TRAIN = "voxel_pooling_train"
 OP_INFER = "voxel_pooling_inference"
@@ -118,22 +118,13 @@ def voxel_pooling_train(geom_xyz: torch.Tensor, features: torch.Tensor, voxel_nu
     feats = features.reshape(b, -1, c)
     if geom.shape[1] != feats.shape[1]:
         raise ValueError(f"{OP_TRAIN}: {geom.shape[1]} points in geom_xyz but {feats.shape[1]} in features")
-    backend = backend_for(features)
-    if backend == "npu":
-        mx = mx_driving(OP_TRAIN)
-        if mx is not None:
-            out = _npu_train(mx, geom, feats, nx, ny, nz)
-            if out is not None:
-                return out
-    elif backend == "cuda":
-        mod = optional_import("bevdepth.ops.voxel_pooling_train")
-        kernel = getattr(mod, "voxel_pooling_train", None)
-        if kernel is None:
-            log_once(OP_TRAIN, "BEVDepth's compiled voxel_pooling_train_ext is not importable; using the portable "
-                               "code")
-        elif on_cuda(features, OP_TRAIN):
-            return kernel(geom.to(torch.int32).contiguous(), feats.contiguous(), [nx, ny, nz])
-    return _portable_train(geom, feats, nx, ny, nz)
+    return run_op(
+        OP_TRAIN, features,
+        portable=lambda: _portable_train(geom, feats, nx, ny, nz),
+        npu=lambda mx: _npu_train(mx, geom, feats, nx, ny, nz),
+        cuda=("bevdepth.ops.voxel_pooling_train", "voxel_pooling_train",
+              lambda kernel: kernel(geom.to(torch.int32).contiguous(), feats.contiguous(), [nx, ny, nz]),
+              "BEVDepth's compiled voxel_pooling_train_ext"))
 
 
 def _portable_train(geom, feats, nx, ny, nz):
@@ -217,23 +208,14 @@ def voxel_pooling_inference(geom_xyz: torch.Tensor, depth: torch.Tensor, context
         raise ValueError(f"{OP_INFER}: with geom_xyz {tuple(geom_xyz.shape)} expected depth [{b * ncam},{d},{h},{w}] "
                          f"and context [{b * ncam},C,{h},{w}]; got {tuple(depth.shape)} and {tuple(context.shape)}")
     geom = _quantize(geom_xyz)
-    backend = backend_for(context)
-    if backend == "npu":
-        mx = mx_driving(OP_INFER)
-        if mx is not None:
-            out = _npu_inference(mx, geom, depth, context, nx, ny, nz)
-            if out is not None:
-                return out
-    elif backend == "cuda":
-        mod = optional_import("bevdepth.ops.voxel_pooling_inference")
-        kernel = getattr(mod, "voxel_pooling_inference", None)
-        if kernel is None:
-            log_once(OP_INFER, "BEVDepth's compiled voxel_pooling_inference_ext is not importable; "
-                               "using the portable code")
-        elif on_cuda(context, OP_INFER):
-            return kernel(geom.to(torch.int32).contiguous(), depth.contiguous(), context.contiguous(),
-                          [nx, ny, nz])
-    return _portable_inference(geom, depth, context, nx, ny, nz)
+    return run_op(
+        OP_INFER, context,
+        portable=lambda: _portable_inference(geom, depth, context, nx, ny, nz),
+        npu=lambda mx: _npu_inference(mx, geom, depth, context, nx, ny, nz),
+        cuda=("bevdepth.ops.voxel_pooling_inference", "voxel_pooling_inference",
+              lambda kernel: kernel(geom.to(torch.int32).contiguous(), depth.contiguous(), context.contiguous(),
+                                    [nx, ny, nz]),
+              "BEVDepth's compiled voxel_pooling_inference_ext"))
 
 
 def _portable_inference(geom, depth, context, nx, ny, nz):
