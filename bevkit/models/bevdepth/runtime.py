@@ -90,20 +90,25 @@ def activate(device: Optional[str] = None) -> str:
     with compat.mmcv_version_as("1.7.0"):  # PyPI mmdet3d 1.0.0rc4 asserts mmcv <= 1.7.0
         import mmdet3d  # noqa: F401
     common = compat.PATCHES
-    if not common.applied:
+    owns_common = not common.applied  # FB-OCC's runtime may have applied the shared set in this process
+    if owns_common:
         common.apply(device)
     from .patches import PATCHES
 
     PATCHES.apply(device)
-    _ACTIVE["device"] = device
+    _ACTIVE.update(device=device, owns_common=owns_common)
     return device
 
 
 def deactivate() -> None:
-    """Undo the BEVDepth patches (tests)."""
+    """Undo what :func:`activate` applied (tests): the BEVDepth patches, and the shared set if it applied it."""
     from .patches import PATCHES
 
     PATCHES.undo()
+    if _ACTIVE.get("owns_common"):
+        from bevkit import compat
+
+        compat.PATCHES.undo()
     _ACTIVE.clear()
 
 
