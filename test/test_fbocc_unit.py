@@ -238,3 +238,27 @@ def test_wrapper_factory_keeps_class_semantics():
 
     later = Later("model", device_ids=[1])
     assert type(later) is Later and later.device_ids == [1]
+
+
+def test_info_creation_never_runs_from_an_ancestor_of_the_data_root(tmp_path, monkeypatch):
+    """mmdet3d's converter strips os.getcwd() from paths: run from an ancestor (the kit's runs/ folder holds
+    the default smoke data) it would write paths that break when training runs from the FB-BEV checkout."""
+    import sys
+    import types
+
+    from bevkit.models.fbocc import prepare, runtime
+
+    data_root = tmp_path / "runs" / "synthetic-nuscenes"
+    data_root.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+    fake = types.ModuleType("tools.create_data_bevdet")
+    fake.nuscenes_data_prep = lambda **kw: seen.setdefault("prep", os.getcwd())
+    fake.add_ann_adj_info = lambda prefix: seen.setdefault("adj", (os.getcwd(), Path("data/nuscenes").resolve()))
+    monkeypatch.setitem(sys.modules, "tools.create_data_bevdet", fake)
+    monkeypatch.setattr(runtime, "activate", lambda *a, **kw: "cpu")
+    prepare.create_infos(data_root, tmp_path / "FB-BEV")
+    for cwd in (seen["prep"], seen["adj"][0]):
+        assert not str(data_root).startswith(cwd + os.sep), cwd
+    assert seen["adj"][1] == data_root.resolve()  # upstream's hard-coded ./data/nuscenes is the data root
+    assert os.getcwd() == str(tmp_path)

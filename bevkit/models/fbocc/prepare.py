@@ -122,8 +122,12 @@ def create_infos(data_root: Path, fbbev_root: Path) -> List[Path]:
     import importlib
 
     module = importlib.import_module("tools.create_data_bevdet")
-    module.nuscenes_data_prep(root_path=str(data_root), info_prefix=INFO_PREFIX, version=VERSION, max_sweeps=0)
+    # Both steps run from the scratch folder: upstream's converter strips os.getcwd() from file paths, so run
+    # from an ancestor of DATA_ROOT (e.g. the kit's runs/) it would write paths relative to a folder that
+    # training (which runs from the FB-BEV checkout) does not share.
     with _cwd_with_data_link(data_root):
+        module.nuscenes_data_prep(root_path=str(data_root), info_prefix=INFO_PREFIX, version=VERSION,
+                                  max_sweeps=0)
         module.add_ann_adj_info(INFO_PREFIX)
     return [info_path(data_root, s) for s in SPLITS]
 
