@@ -218,3 +218,22 @@ def test_missing_devkit_is_a_problem_not_a_crash(root, monkeypatch):
     problems = V.validate('fbocc', root)
     assert len(problems) == 1 and 'nuscenes-devkit' in problems[0].message
     assert 'setup.sh' in problems[0].fix
+
+
+@pytest.mark.parametrize('stored, expected', [
+    (lambda data, p: 'runs/synthetic-nuscenes/' + p.split('/samples/', 1)[1], 'relative path'),
+    (lambda data, p: p.replace(str(data), str(data) + '-moved'), 'does not exist'),
+])
+def test_fbocc_infos_must_hold_paths_training_can_open(prepared, stored, expected):
+    """FB-OCC opens lidar_path/data_path as stored, from the FB-BEV checkout: a path relative to some other
+    folder, or one made for another data root, must be caught before training (not in a dataloader worker)."""
+    path = prepared / 'bevdetv2-nuscenes_infos_train.pkl'
+    with open(path, 'rb') as f:
+        obj = pickle.load(f)
+    for info in obj['infos']:
+        info['lidar_path'] = stored(prepared, info['lidar_path'])
+    with open(path, 'wb') as f:
+        pickle.dump(obj, f)
+    problems = [p for p in V.validate('fbocc', prepared) if p.path == str(path)]
+    assert problems and expected in problems[0].message and '--force' in problems[0].fix
+    assert V.validate('bevdepth', prepared) == []  # BEVDepth's infos are untouched

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import pickle
 import random
 import re
@@ -374,6 +375,19 @@ def _describe_foreign(obj) -> str:
     return f'info file holds a {type(obj).__name__}, not a known info format'
 
 
+def _check_opened_paths(paths, rep, path, fix):
+    """FB-OCC's pipeline opens lidar_path / data_path exactly as stored, from the FB-BEV checkout, wherever the
+    data root is: they must be absolute (as the kit's preparation writes them) and exist."""
+    for p in map(str, paths):
+        if not os.path.isabs(p):
+            rep.add(path, f'info holds the relative path {p}, which training opens from the FB-BEV checkout, '
+                    f'not from the data root', fix + ' with --force (it writes absolute paths)',
+                    kind=f'{path.name}: relative paths')
+        elif not os.path.exists(p):
+            rep.add(path, f'info refers to {p}, which does not exist (made for another data root?)',
+                    fix + ' with --force', kind=f'{path.name}: info refers to missing files')
+
+
 def _check_info_paths(root: Path, rel_paths, rep, path, fix):
     """Paths inside infos are relative to the model's repo ('./data/nuscenes/samples/...'):
     check the part from 'samples/' or 'gts/' on against the data root."""
@@ -427,8 +441,8 @@ def _check_fbocc_infos(root: Path, t: dict, full: bool, rep: _Report):
                         f'file was made for another dataset or an earlier generation)',
                         fix + ' again on this data root', kind=f'{name}: stale tokens')
                 break
-            _check_info_paths(root, [info['lidar_path'], info['occ_path'] + '/labels.npz']
-                              + [c['data_path'] for c in cams.values()], rep, path, fix)
+            _check_opened_paths([info['lidar_path']] + [c['data_path'] for c in cams.values()], rep, path, fix)
+            _check_info_paths(root, [info['occ_path'] + '/labels.npz'], rep, path, fix)
 
 
 def _check_bevdepth_infos(root: Path, t: dict, full: bool, rep: _Report):
