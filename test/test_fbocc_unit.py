@@ -262,3 +262,43 @@ def test_info_creation_never_runs_from_an_ancestor_of_the_data_root(tmp_path, mo
         assert not str(data_root).startswith(cwd + os.sep), cwd
     assert seen["adj"][1] == data_root.resolve()  # upstream's hard-coded ./data/nuscenes is the data root
     assert os.getcwd() == str(tmp_path)
+
+
+def test_prepare_sets_stale_infos_aside_and_recreates_them(tmp_path_factory, tmp_path, monkeypatch):
+    """Infos training could not open (here: paths relative to another folder) are renamed, never deleted,
+    and recreated; usable ones are kept."""
+    pytest.importorskip("nuscenes")
+    from nuscenes.nuscenes import NuScenes
+
+    from bevkit.data.testing import hardlink_copy, small_dataset, write_fbocc_infos
+    from bevkit.models.fbocc import prepare
+
+    data = hardlink_copy(small_dataset(tmp_path_factory), tmp_path / "nuscenes")
+    nusc = NuScenes("v1.0-trainval", str(data), verbose=False)
+    fbbev = tmp_path / "FB-BEV"
+    (fbbev / "tools").mkdir(parents=True)
+    (fbbev / "tools" / "create_data_bevdet.py").write_text("")
+    recreated = []
+
+    def fake_create(data_root, fbbev_root):  # what upstream's converter writes, without importing it
+        recreated.append(data_root)
+        write_fbocc_infos(data_root, nusc)
+        return [prepare.info_path(data_root, s) for s in prepare.SPLITS]
+
+    monkeypatch.setattr(prepare, "create_infos", fake_create)
+    write_fbocc_infos(data, nusc)
+    train = prepare.info_path(data, "train")
+    obj = pickle.loads(train.read_bytes())
+    for info in obj["infos"]:
+        info["lidar_path"] = "runs/elsewhere/" + info["lidar_path"].split("/samples/", 1)[1]
+    train.write_bytes(pickle.dumps(obj))
+    stale_bytes = train.read_bytes()
+
+    assert prepare.main([str(data), "--fbbev", str(fbbev), "--no-checkpoints"]) == 0
+    assert recreated == [data]
+    kept = list(data.glob("bevdetv2-nuscenes_infos_train.pkl.stale-*"))
+    assert len(kept) == 1 and kept[0].read_bytes() == stale_bytes
+    assert prepare.stale_infos(data) == []
+
+    assert prepare.main([str(data), "--fbbev", str(fbbev), "--no-checkpoints"]) == 0
+    assert recreated == [data]  # usable infos are not recreated

@@ -21,6 +21,7 @@ import os
 import pickle
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
@@ -132,6 +133,28 @@ def create_infos(data_root: Path, fbbev_root: Path) -> List[Path]:
     return [info_path(data_root, s) for s in SPLITS]
 
 
+def stale_infos(data_root: Path) -> List[str]:
+    """Problems the data validator finds in existing info files (e.g. made for another data root, or with paths
+    training cannot open); empty when they are usable."""
+    from bevkit.data.validate import validate
+
+    names = {str(info_path(data_root, s)) for s in SPLITS}
+    return [f"{p.path}: {p.message}" for p in validate("fbocc", data_root) if p.path in names]
+
+
+def set_aside_infos(data_root: Path) -> List[Path]:
+    """Rename the existing info files to <name>.stale-<time> (never delete what the user has)."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    kept = []
+    for split in SPLITS:
+        path = info_path(data_root, split)
+        if path.is_file():
+            target = path.with_name(f"{path.name}.stale-{stamp}")
+            path.rename(target)
+            kept.append(target)
+    return kept
+
+
 def check_occ3d(data_root: Path, occ3d: Optional[Path] = None) -> List[str]:
     """Link DATA_ROOT/gts to ``occ3d`` if asked, then check every sample of the infos has labels.npz."""
     gts = data_root / "gts"
@@ -188,7 +211,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: no FB-BEV checkout at {fbbev}: run setup.sh or pass --fbbev DIR", file=sys.stderr)
         return 1
     problems: List[str] = []
-    if args.force or not all(info_path(data_root, s).is_file() for s in SPLITS):
+    present = all(info_path(data_root, s).is_file() for s in SPLITS)
+    stale = stale_infos(data_root) if present and not args.force else []
+    for line in stale:
+        print(f"stale info file: {line}")
+    if stale:
+        for old in set_aside_infos(data_root):
+            print(f"kept the old info file as {old}")
+    if args.force or not present or stale:
         for path in create_infos(data_root, fbbev):
             print(f"wrote {path}")
     else:
