@@ -695,10 +695,9 @@ def test_portable_ops_are_deterministic_on_cpu(op):
 
 def test_rebound_mmcv_functions_do_not_recurse(monkeypatch):
     """A runtime patch may rebind mmcv's deform_conv2d / sigmoid_focal_loss to ours; the kernel path must notice."""
-    from bevkit.ops import deform_conv, focal_loss
-    for mod, name in ((deform_conv, "deform_conv2d"), (focal_loss, "sigmoid_focal_loss")):
-        monkeypatch.setattr(mod, "real_device", lambda t: "cuda")
-        monkeypatch.setattr(mod, "optional_import", lambda m, name=name: type("M", (), {name: getattr(ops, name)}))
+    rebound = type("M", (), {"deform_conv2d": ops.deform_conv2d, "sigmoid_focal_loss": ops.sigmoid_focal_loss})
+    monkeypatch.setattr(dispatch, "real_device", lambda t: "cuda")
+    monkeypatch.setattr(dispatch, "optional_import", lambda m: rebound)
     inp, offset, weight, kw = deform_case(3, n=1, cin=2, cout=2, h=4, w=4, groups=1, dg=1)
     pred, target = torch.randn(3, 2, dtype=D64), torch.tensor([0, 2, 1])
     with ops.force_backend("cuda"):

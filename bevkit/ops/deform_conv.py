@@ -16,7 +16,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from bevkit.ops.dispatch import backend_for, log_once, optional_import, real_device
+from bevkit.ops.dispatch import mmcv_compiled
 
 OP = "deform_conv2d"
 
@@ -45,17 +45,10 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
         raise ValueError(f"{OP}: offset must be [{n}, {deform_groups * 2 * kh * kw}, {ho}, {wo}] for this input and "
                          f"kernel; got {tuple(offset.shape)}")
     bias_t: Optional[torch.Tensor] = bias if isinstance(bias, torch.Tensor) else None
-    backend = backend_for(input)
-    if backend in ("cuda", "npu") and real_device(input) in ("cuda", "npu"):
-        mod = optional_import("mmcv.ops.deform_conv")
-        fn = getattr(mod, "deform_conv2d", None)
-        if fn is deform_conv2d:  # a runtime patch rebound mmcv's function to this one: no recursion
-            fn = None
-        if fn is not None:
-            out = fn(input, offset, weight, (sh, sw), (ph, pw), (dh, dw), groups, deform_groups, False,
-                     im2col_step)
-            return out if bias_t is None else out + bias_t.view(1, -1, 1, 1)
-        log_once(OP, "mmcv's compiled deform_conv2d is not importable; using the portable code")
+    fn = mmcv_compiled(OP, input, "mmcv.ops.deform_conv", "deform_conv2d", deform_conv2d)
+    if fn is not None:
+        out = fn(input, offset, weight, (sh, sw), (ph, pw), (dh, dw), groups, deform_groups, False, im2col_step)
+        return out if bias_t is None else out + bias_t.view(1, -1, 1, 1)
     return _portable(input, offset, weight, (sh, sw), (ph, pw), (dh, dw), groups, deform_groups, bias_t, ho, wo)
 
 

@@ -158,3 +158,19 @@ def run_op(op: str, tensor, portable: Callable[[], Any],
             if out is not None:
                 return out
     return portable()
+
+
+def mmcv_compiled(op: str, tensor, module: str, attribute: str, ours: Callable) -> Optional[Callable]:
+    """mmcv's compiled ``module.attribute`` for a tensor in accelerator memory (mmcv builds CUDA or NPU kernels),
+    or None (logged once when it is missing) so the caller runs its portable code.
+
+    ``ours`` is bevkit's own function: a runtime patch may have rebound mmcv's name to it, and calling it back
+    would recurse.
+    """
+    if backend_for(tensor) not in ("cuda", "npu") or real_device(tensor) not in ("cuda", "npu"):
+        return None
+    fn = getattr(optional_import(module), attribute, None)
+    if fn is None or fn is ours:
+        log_once(op, f"mmcv's compiled {attribute} is not importable; using the portable code")
+        return None
+    return fn

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from bevkit.ops.dispatch import backend_for, log_once, optional_import, real_device
+from bevkit.ops.dispatch import mmcv_compiled
 
 OP = "sigmoid_focal_loss"
 REDUCTIONS = ("none", "mean", "sum")
@@ -38,15 +38,9 @@ def sigmoid_focal_loss(pred: torch.Tensor, target: torch.Tensor, gamma: float = 
         raise ValueError(f"{OP}: weight must be [C={pred.shape[1]}]; got {tuple(weight.shape)}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"{OP}: reduction must be one of {REDUCTIONS}; got {reduction!r}")
-    backend = backend_for(pred)
-    if backend in ("cuda", "npu") and real_device(pred) in ("cuda", "npu"):
-        mod = optional_import("mmcv.ops.focal_loss")
-        fn = getattr(mod, "sigmoid_focal_loss", None)
-        if fn is sigmoid_focal_loss:  # a runtime patch rebound mmcv's function to this one: no recursion
-            fn = None
-        if fn is not None:
-            return fn(pred, target, gamma, alpha, weight, reduction)
-        log_once(OP, "mmcv's compiled sigmoid_focal_loss is not importable; using the portable code")
+    fn = mmcv_compiled(OP, pred, "mmcv.ops.focal_loss", "sigmoid_focal_loss", sigmoid_focal_loss)
+    if fn is not None:
+        return fn(pred, target, gamma, alpha, weight, reduction)
     return _portable(pred, target, float(gamma), float(alpha), weight, reduction)
 
 
