@@ -50,3 +50,18 @@ def fbbev_checkout(tmp_path_factory) -> Path:
 def bevdepth_checkout(tmp_path_factory) -> Path:
     """BEVDepth at the pinned commit with bevdepth patches applied (skips without a source)."""
     return _patched_checkout("BEVDepth", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def root(tmp_path_factory) -> Path:
+    """The small synthetic nuScenes + Occ3D dataset, generated once per session (data tests)."""
+    from bevkit.data.testing import small_dataset
+
+    return small_dataset(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def nusc(root):
+    """The devkit's NuScenes over :func:`root`."""
+    nuscenes = pytest.importorskip("nuscenes.nuscenes")
+    return nuscenes.NuScenes("v1.0-trainval", str(root), verbose=False)

@@ -16,21 +16,10 @@ from bevkit.data import synthetic  # noqa: E402
 from bevkit.data.occ_metrics import OccMIoU, load_occ_gt  # noqa: E402
 from bevkit.data.schema import (CAMERAS, DET_CATEGORY, DET_CLASSES, OCC_ID, OCC_RANGE,  # noqa: E402
                                 OCC_SHAPE, OCC_VOXEL, TABLES)
-from bevkit.data.testing import SMALL, small_dataset  # noqa: E402
+from bevkit.data.testing import SMALL  # noqa: E402
 from bevkit.data.world import CLASS_HSV  # noqa: E402
 
 CAT_TO_DET = {v: k for k, v in DET_CATEGORY.items()}
-
-
-@pytest.fixture(scope='session')
-def root(tmp_path_factory):
-    return small_dataset(tmp_path_factory)
-
-
-@pytest.fixture(scope='session')
-def nusc(root):
-    from nuscenes.nuscenes import NuScenes
-    return NuScenes('v1.0-trainval', str(root), verbose=False)
 
 
 def _quat(q):

@@ -15,14 +15,9 @@ import pytest
 pytest.importorskip('nuscenes')
 
 from bevkit.data import validate as V  # noqa: E402
-from bevkit.data.testing import SMALL, small_dataset  # noqa: E402
+from bevkit.data.testing import SMALL  # noqa: E402
 
 pytestmark = pytest.mark.upstream
-
-
-@pytest.fixture(scope='session')
-def root(tmp_path_factory):
-    return small_dataset(tmp_path_factory)
 
 
 def test_bevdepth_gen_info_runs_on_synthetic_data(request, root, tmp_path):

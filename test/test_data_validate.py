@@ -11,19 +11,8 @@ pytest.importorskip('nuscenes')
 
 from bevkit.data import validate as V  # noqa: E402
 from bevkit.data.schema import OCC_SHAPE  # noqa: E402
-from bevkit.data.testing import (hardlink_copy, replace_bytes, small_dataset,  # noqa: E402
+from bevkit.data.testing import (hardlink_copy, replace_bytes,  # noqa: E402
                                  write_bevdepth_infos, write_fbocc_infos)
-
-
-@pytest.fixture(scope='session')
-def root(tmp_path_factory):
-    return small_dataset(tmp_path_factory)
-
-
-@pytest.fixture(scope='session')
-def nusc(root):
-    from nuscenes.nuscenes import NuScenes
-    return NuScenes('v1.0-trainval', str(root), verbose=False)
 
 
 @pytest.fixture
