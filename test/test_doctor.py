@@ -11,6 +11,7 @@ from bevkit import doctor
 from bevkit.doctor import NA, OK, PROBLEM, WARN
 
 
+@pytest.mark.hardware
 def test_doctor_on_this_machine_reports_cpu_only_and_fails_on_missing_upstream(tmp_path, capsys):
     import torch
 

@@ -6,7 +6,8 @@ import torch
 
 import bevkit.ops as ops
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+pytestmark = [pytest.mark.hardware,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")]
 
 
 def _same(fn, *tensors, rtol=1e-4, atol=1e-4):
