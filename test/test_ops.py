@@ -835,7 +835,8 @@ def test_voxel_pooling_non_contiguous_and_unsorted_inputs():
     geom, feats = geom[:, perm], feats[:, perm]  # points in any order, duplicates kept
     feats_t = feats.transpose(1, 2).contiguous().transpose(1, 2)  # same values, channels-first memory
     assert not feats_t.is_contiguous()
-    torch.testing.assert_close(ops.voxel_pooling_train(geom, feats_t, (4, 3, 2)), voxel_reference(geom, feats, (4, 3, 2)))
+    torch.testing.assert_close(ops.voxel_pooling_train(geom, feats_t, (4, 3, 2)),
+                               voxel_reference(geom, feats, (4, 3, 2)))
 
 
 def test_voxel_pooling_cuda_kernel_only_gets_dtypes_it_handles():

@@ -2,7 +2,8 @@
 
 It provides the slice of torch_npu's device API the kit uses: ``torch.npu`` (is_available, device_count,
 set_device, current_device, get_device_name, synchronize, memory_stats, empty_cache,
-config.allow_internal_format, amp.GradScaler), ``torch_npu.npu`` (the same module) and ``torch_npu.optim.NpuFusedAdamW``. Calls are
+config.allow_internal_format, amp.GradScaler), ``torch_npu.npu`` (the same module) and
+``torch_npu.optim.NpuFusedAdamW`` (with the real one's constraints, see optim.py). Calls are
 recorded in :data:`CALLS` so tests can assert what the kit asked for. Tensors stay on the CPU: pair it
 with ``bevkit.device.emulate_device('npu')``.
 
