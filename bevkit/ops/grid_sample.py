@@ -52,6 +52,9 @@ NPU_SOCS = ("Ascend910", "Ascend950")
 
 
 def _npu(mx, input, grid, mode, padding_mode, align_corners):
+    if not hasattr(mx, "grid_sampler3d_v1"):  # DrivingSDK branch_v7.0.RC1 has none
+        log_once(OP, "this mx_driving has no grid_sampler3d_v1; using the portable code")
+        return None
     soc = npu_soc_name(input)
     if soc is not None and not any(s in soc for s in NPU_SOCS):
         log_once(OP, f"grid_sampler3d_v1 serves only Ascend910B/910C/950 SoCs, not {soc}; using the portable code")
