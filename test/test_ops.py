@@ -923,3 +923,18 @@ def test_sigmoid_focal_loss_refuses_targets_outside_the_classes_and_handles_empt
     assert half.dtype == torch.float16
     torch.testing.assert_close(half.double(), focal_reference(pred.half().double(), target, 2.0, 0.25, None),
                                **sum_tolerance(F32, 1, 1.0, result_dtype=torch.float16))
+
+
+def test_depth_weighted_attention_half_and_empty_queries():
+    value, shapes, starts, loc, attn, depth_prob, ref_pts, bins = depth_case(5)
+    out = ops.depth_weighted_deformable_attn(value.half(), shapes, starts, loc.half(), attn.half(),
+                                             depth_prob.half(), ref_pts.half(), bins)
+    assert out.dtype == torch.float16
+    want = ops.depth_weighted_deformable_attn(value.half().double(), shapes, starts, loc.half().double(),
+                                              attn.half().double(), depth_prob.half().double(),
+                                              ref_pts.half().double(), bins)
+    # weights: 4 bilinear taps of one bin; attention: L*P = 4 samples of 4 taps; float32, rounded to float16
+    torch.testing.assert_close(out.double(), want, **sum_tolerance(F32, 16, 1.0, result_dtype=torch.float16))
+    empty = ops.depth_weighted_deformable_attn(value, shapes, starts, loc[:, :0], attn[:, :0], depth_prob,
+                                               ref_pts[:, :0], bins[:, :0])
+    assert empty.shape == (2, 0, 6)

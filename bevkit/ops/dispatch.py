@@ -39,6 +39,7 @@ _logged: set = set()
 _import_failed: dict = {}
 #: (device, module name) -> module standing in for that compiled module on emulated devices.
 _stand_ins: Dict[Tuple[str, str], Any] = {}
+_soc_names: Dict[Tuple[Any, Optional[int]], str] = {}
 
 
 def _check(name: str, origin: str) -> str:
@@ -133,7 +134,10 @@ def npu_soc_name(tensor) -> Optional[str]:
     get = getattr(npu, "get_device_name", None)
     if get is None:
         return None
-    return str(get(tensor.device.index))
+    key = (get, tensor.device.index)
+    if key not in _soc_names:  # a runtime query: once per device
+        _soc_names[key] = str(get(tensor.device.index))
+    return _soc_names[key]
 
 
 def real_device(tensor) -> str:
