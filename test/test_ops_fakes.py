@@ -1,6 +1,7 @@
 """The fake torch_npu's NpuFusedAdamW refuses what torch_npu's does (test/fakes/torch_npu/optim.py cites the
 source): set_to_none, non fp32/fp16 parameters, parameters or gradients re-allocated after the first step, and a
-parameter whose first gradient comes after the buffers were combined. Its update is AdamW's."""
+parameter whose first gradient comes after the buffers were combined. Its update is AdamW's. And the stand-ins for
+the compiled CUDA kernels (test/fakes/cuda_kernels.py) are reached on emulated cuda tensors."""
 from __future__ import annotations
 
 import importlib.util
@@ -114,3 +115,57 @@ def test_update_is_adamw(npu_optim):
         torch.testing.assert_close(a, b, **sum_tolerance(torch.float32, n_terms=8, magnitude=1.0))
     with pytest.raises(ValueError, match="Invalid learning rate"):
         npu_optim.NpuFusedAdamW(fused.parameters(), lr=-1.0)
+
+
+# ------------------------------------------------------------------------- CUDA kernel stand-ins (emulated cuda)
+
+
+@pytest.fixture
+def cuda_kernels():
+    spec = importlib.util.spec_from_file_location("cuda_kernels_fake", FAKES / "cuda_kernels.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_emulated_cuda_reaches_every_kernel_stand_in(cuda_kernels):
+    """On emulated cuda tensors each op calls its compiled kernel's stand-in (contract checked) and gives the
+    portable result; the lane that emulates cuda (issue 11) registers them the same way."""
+    import bevkit.ops as ops
+    from bevkit.device import emulate_device
+
+    g = torch.Generator().manual_seed(0)
+    depth, feat = torch.rand(1, 2, 3, 4, 5, generator=g), torch.randn(1, 2, 4, 5, 8, generator=g)
+    rd = torch.randperm(depth.numel(), generator=g)[:50].int()
+    rf = torch.randint(0, 40, (50,), generator=g).int()
+    rb = torch.randint(0, 2 * 3 * 3, (50,), generator=g).int()  # unsorted: the kit sorts before the kernel
+    geom = torch.randint(-1, 5, (2, 30, 3), generator=g).int()
+    feats = torch.randn(2, 30, 6, generator=g)
+    shapes, starts = torch.tensor([[3, 4]]), torch.tensor([0])
+    value, loc = torch.randn(3, 12, 2, 4, generator=g), torch.rand(3, 5, 2, 1, 2, 2, generator=g)
+    attn = torch.rand(3, 5, 2, 1, 2, generator=g)
+    x, off, w = torch.randn(2, 4, 5, 5, generator=g), torch.randn(2, 18, 5, 5, generator=g), torch.randn(4, 4, 3, 3)
+    pred, target = torch.randn(6, 3, generator=g), torch.tensor([0, 1, 2, 3, 3, 0])
+    dep, ctx = torch.rand(2, 3, 2, 2, generator=g), torch.randn(2, 6, 2, 2, generator=g)
+    calls = [
+        lambda: ops.bev_pool_v2(depth, feat, rd, rf, rb, (1, 2, 3, 3, 8)),
+        lambda: ops.voxel_pooling_train(geom, feats, [4, 4, 2]),
+        lambda: ops.voxel_pooling_inference(geom[:1, :24].reshape(1, 2, 3, 2, 2, 3), dep, ctx, [4, 4, 2]),
+        lambda: ops.multi_scale_deformable_attn(value, shapes, starts, loc, attn, im2col_step=2),
+        lambda: ops.deform_conv2d(x, off, w, 1, 1, 1, 1, 1),
+        lambda: ops.sigmoid_focal_loss(pred, target, reduction="none"),
+    ]
+    for call in calls:
+        with emulate_device("cuda"), cuda_kernels.install():
+            got = call()
+        with ops.force_backend("portable"):
+            want = call()
+        assert torch.equal(got, want)  # the stand-in computed with the portable op, on the same inputs
+    assert [n for n, _ in cuda_kernels.CALLS] == ["bev_pool_v2", "voxel_pooling_train", "voxel_pooling_inference",
+                                                  "multi_scale_deformable_attn", "deform_conv2d", "sigmoid_focal_loss"]
+    with pytest.raises(cuda_kernels.ContractError, match="bias is False"):
+        cuda_kernels.deform_conv2d(x, off, w, 1, 1, 1, 1, 1, True)
+    with pytest.raises(cuda_kernels.ContractError, match="runs of sorted ranks_bev"):
+        cuda_kernels.bev_pool_v2(depth, feat, rd, rf, rb, [1, 2, 3, 3, 8], *ops.compute_intervals(rb))
+    with pytest.raises(cuda_kernels.ContractError, match="even C"):
+        cuda_kernels.voxel_pooling_train(geom, feats[..., :5].half().contiguous(), [4, 4, 2])
