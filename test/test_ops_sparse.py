@@ -124,7 +124,7 @@ except Exception as exc:
     raise SystemExit(0)
 import torch
 net = resnet3d.CustomResNet3D(10, block_inplanes=[8, 8, 8, 8], n_input_channels=4, use_spase_3dtensor=True,
-                              norm_cfg=dict(type="BN1d", requires_grad=True))
+                              norm_cfg=dict(type="BN1d", requires_grad=True)).eval()  # deep levels: 1 site
 g = torch.Generator().manual_seed(0)
 flat = torch.randperm(2 * 8 * 8 * 8, generator=g)[:60].sort().values
 idx = torch.stack([flat // 512, flat // 64 % 8, flat // 8 % 8, flat % 8], 1).int()
