@@ -68,7 +68,11 @@ def _check(depth, feat, ranks_depth, ranks_feat, ranks_bev, bev_feat_shape, inte
     return shape
 
 
-def _interval_points(ranks_bev: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor):
+def _is_sorted(r: torch.Tensor) -> bool:
+    return r.numel() < 2 or bool((r[1:] >= r[:-1]).all())
+
+
+def _interval_points(ranks_bev: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, sorted_rb: bool):
     """The points the kernels pool for given intervals, as ``(positions, cells)``, or None for plain runs.
 
     Kernel semantics (FB-BEV ``bev_pool_cuda.cu``, DrivingSDK ``bev_pool_v2``): interval i writes the sum over
@@ -77,32 +81,30 @@ def _interval_points(ranks_bev: torch.Tensor, starts: torch.Tensor, lengths: tor
     ``positions`` [Q] are the pooled points in that order and ``cells`` [Q] the cell each one is added to. None
     means the intervals are exactly the runs of ranks_bev (each point once, one cell per run): the ranks then
     stand as they are. Refused: intervals reading past the points, and two intervals writing the same cell (the
-    kernel writes, so the result would depend on thread order).
+    kernel writes, so the result would depend on thread order). ``sorted_rb``: ranks_bev is non-decreasing.
     """
     if starts.dim() != 1 or lengths.dim() != 1 or starts.numel() != lengths.numel() or \
             starts.dtype.is_floating_point or lengths.dtype.is_floating_point:
         raise ValueError(f"{OP}: interval_starts and interval_lengths must be 1-D integer tensors of one length; got "
                          f"{starts.dtype} {tuple(starts.shape)} and {lengths.dtype} {tuple(lengths.shape)}")
     p, k = ranks_bev.numel(), starts.numel()
-    st, ln = starts.long(), lengths.long()
     if k == 0:
         empty = torch.zeros(0, dtype=torch.long, device=ranks_bev.device)
-        return (None if p == 0 else (empty, empty))
-    lo_s, hi_s, lo_l, hi_end = torch.stack([st.min(), st.max(), ln.min(), (st + ln).max()]).tolist()
+        return None if p == 0 else (empty, empty)
+    st, ln = starts, lengths.to(starts.dtype)  # int32 upstream; index_select takes int32 and int64 alike
+    ends = st + ln
+    lo_s, hi_s, lo_l, hi_end = torch.stack([st.min(), st.max(), ln.min(), ends.max()]).tolist()
     if lo_s < 0 or hi_s >= p or lo_l < 0 or hi_end > p:
         raise ValueError(f"{OP}: intervals must lie within the {p} points (0 <= interval_starts < {p}, "
                          f"interval_lengths >= 0, start + length <= {p}); got starts in [{lo_s}, {hi_s}], lengths >= "
                          f"{lo_l}, ends up to {hi_end}")
-    rb = ranks_bev.long()
-    cells = rb.index_select(0, st)
-    tiled = bool(st[0] == 0) and (k == 1 or bool((st[1:] == st[:-1] + ln[:-1]).all())) and hi_end == p \
-        and int(st[-1] + ln[-1]) == p
-    sorted_rb = p < 2 or bool((rb[1:] >= rb[:-1]).all())
-    if tiled and sorted_rb:
-        # Sorted ranks: a run is constant iff its first and last points agree; distinct runs have increasing cells.
-        constant = bool((rb.index_select(0, st + ln.clamp_min(1) - 1) == cells).all())
-        distinct = k == 1 or bool((cells[1:] > cells[:-1]).all())
-        if constant and distinct and lo_l > 0:
+    cells = ranks_bev.index_select(0, st)
+    contiguous = (st[1:] == ends[:-1]).all() & (st[0] == 0) & (ends[-1] == p)
+    if sorted_rb and lo_l > 0:
+        # Sorted ranks (the common case, one host sync): the intervals are the runs iff they tile the points, each
+        # run's last point has its first point's cell, and the cells increase from run to run.
+        constant = (ranks_bev.index_select(0, ends - 1) == cells).all()
+        if bool(contiguous & constant & (cells[1:] > cells[:-1]).all()):
             return None
     ordered = torch.sort(cells).values
     if k > 1 and bool((ordered[1:] == ordered[:-1]).any()):
@@ -110,12 +112,13 @@ def _interval_points(ranks_bev: torch.Tensor, starts: torch.Tensor, lengths: tor
         raise ValueError(f"{OP}: two intervals write BEV cell {dup}: the kernel writes one sum per interval, so the "
                          "result would depend on thread order. Pass the runs of sorted ranks_bev "
                          "(compute_intervals(ranks_bev)) or no intervals.")
-    if tiled and bool((rb == cells.repeat_interleave(ln)).all()):
+    st, ln, cells = st.long(), ln.long(), cells.long()
+    if bool(contiguous) and bool((ranks_bev.long() == cells.repeat_interleave(ln)).all()):
         return None  # unsorted, but every interval is a run of one cell and no two share a cell
     offsets = torch.cumsum(ln, 0) - ln
     q = int(ln.sum())
     first = st.repeat_interleave(ln, output_size=q)
-    positions = first + torch.arange(q, device=rb.device) - offsets.repeat_interleave(ln, output_size=q)
+    positions = first + torch.arange(q, device=st.device) - offsets.repeat_interleave(ln, output_size=q)
     return positions, cells.repeat_interleave(ln, output_size=q)
 
 
@@ -148,12 +151,14 @@ def bev_pool_v2(depth: torch.Tensor, feat: torch.Tensor, ranks_depth: torch.Tens
                    interval_starts, interval_lengths)
     rd, rf, rb = ranks_depth, ranks_feat, ranks_bev
     runs = interval_starts is not None
+    sorted_rb: Optional[bool] = None  # unknown until asked
     if runs:
-        picked = _interval_points(ranks_bev, interval_starts, interval_lengths)
+        sorted_rb = _is_sorted(ranks_bev)
+        picked = _interval_points(ranks_bev, interval_starts, interval_lengths, sorted_rb)
         if picked is not None:
             positions, cells = picked
             rd, rf, rb = ranks_depth.index_select(0, positions), ranks_feat.index_select(0, positions), cells
-            runs = False  # the kernels get the pooled points, each with its own cell
+            runs, sorted_rb = False, None  # the kernels get the pooled points, each with its own cell
 
     def cuda(kernel):
         if torch.is_grad_enabled() and depth.requires_grad and rd.numel() != torch.unique(rd).numel():
@@ -163,7 +168,7 @@ def bev_pool_v2(depth: torch.Tensor, feat: torch.Tensor, ranks_depth: torch.Tens
         if runs:
             return kernel(depth, feat, rd, rf, rb, list(shape), interval_starts, interval_lengths)
         r_d, r_f, r_b = rd, rf, rb
-        if r_b.numel() > 1 and not bool((r_b[1:] >= r_b[:-1]).all()):
+        if not _is_sorted(r_b):
             order = torch.argsort(r_b, stable=True)  # the kernel needs each cell's points in one run
             r_d, r_f, r_b = r_d[order], r_f[order], r_b[order]
         starts, lengths = compute_intervals(r_b)
@@ -171,7 +176,7 @@ def bev_pool_v2(depth: torch.Tensor, feat: torch.Tensor, ranks_depth: torch.Tens
 
     return run_op(
         OP, feat,
-        portable=lambda: _portable(depth, feat, rd, rf, rb, shape),
+        portable=lambda: _portable(depth, feat, rd, rf, rb, shape, sorted_rb),
         npu=lambda mx: _npu(mx, depth, feat, rd, rf, rb, shape),
         cuda=("mmdet3d.ops.bev_pool_v2.bev_pool", "bev_pool_v2", cuda, "FB-BEV's compiled bev_pool_v2_ext"))
 
@@ -191,7 +196,7 @@ def _check_ranges(depth, feat, rd, rf, rb, shape) -> None:
                              f"{tuple(feat.shape)} and bev_feat_shape {tuple(shape)}; got values in [{lo_v}, {hi_v}]")
 
 
-def _portable(depth, feat, ranks_depth, ranks_feat, ranks_bev, shape) -> torch.Tensor:
+def _portable(depth, feat, ranks_depth, ranks_feat, ranks_bev, shape, sorted_rb: Optional[bool] = None):
     _check_ranges(depth, feat, ranks_depth, ranks_feat, ranks_bev, shape)
     b, z, y, x, c = shape
     cdtype = torch.float64 if torch.float64 in (depth.dtype, feat.dtype) else torch.float32
@@ -201,7 +206,7 @@ def _portable(depth, feat, ranks_depth, ranks_feat, ranks_bev, shape) -> torch.T
     order = None
     if csr_supported(f):
         # The CSR path needs rows in order: sort unsorted points by cell (stable, so sums keep their order).
-        if rb.numel() > 1 and not bool((rb[1:] >= rb[:-1]).all()):
+        if not (_is_sorted(rb) if sorted_rb is None else sorted_rb):
             perm = torch.argsort(rb, stable=True)
             rd, rf, rb = rd[perm], rf[perm], rb[perm]
         order = "dst"
