@@ -938,3 +938,15 @@ def test_depth_weighted_attention_half_and_empty_queries():
     empty = ops.depth_weighted_deformable_attn(value, shapes, starts, loc[:, :0], attn[:, :0], depth_prob,
                                                ref_pts[:, :0], bins[:, :0])
     assert empty.shape == (2, 0, 6)
+
+
+def test_depth_weighted_attention_is_float32_under_autocast_like_upstreams_fp32_function():
+    """FB-OCC's DA step uses MultiScaleDeformableAttnFunction_fp32 (custom_fwd(cast_inputs=float32)): under autocast
+    half inputs give a float32 result; outside autocast the value's dtype."""
+    value, shapes, starts, loc, attn, depth_prob, ref_pts, bins = depth_case(6)
+    args = (shapes, starts, loc.float(), attn.float(), depth_prob.float(), ref_pts.float(), bins)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = ops.depth_weighted_deformable_attn(value.bfloat16(), *args)
+    outside = ops.depth_weighted_deformable_attn(value.bfloat16(), *args)
+    assert inside.dtype == F32 and outside.dtype == torch.bfloat16
+    torch.testing.assert_close(inside, ops.depth_weighted_deformable_attn(value.bfloat16().float(), *args))

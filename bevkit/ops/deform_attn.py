@@ -344,10 +344,14 @@ def depth_weighted_deformable_attn(value: torch.Tensor, spatial_shapes: torch.Te
     Computes w[b, q, z] = depth_weights(depth_prob, spatial_shapes[0], reference_points, depth_bins), multiplies
     attention_weights[b, q, h, l, j] by w[b, q, j % Z] (no renormalisation) and returns
     ``multi_scale_deformable_attn(value, ..., sampling_locations, weighted)``: [bs, nq, num_heads*head_dims] in
-    value's dtype.
+    value's dtype, or float32 for half inputs under autocast (upstream's ``_fp32`` function casts them).
     Gradients flow to value, sampling_locations, attention_weights, depth_prob (and reference_points).
     """
     _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, OP_DEPTH)
+    if value.dtype in (torch.float16, torch.bfloat16) and _autocast_enabled(value):
+        # Upstream runs this step through MultiScaleDeformableAttnFunction_fp32 (custom_fwd(cast_inputs=float32)),
+        # as mx_driving's kernel does: under autocast the inputs are cast and the result is float32.
+        value = value.float()
     bs, nq, nh, nl, npt, _ = sampling_locations.shape
     if reference_points.dim() == 7 and reference_points.shape[2:5] == (1, 1, 1):
         reference_points = reference_points.reshape(bs, nq, -1, 2)  # upstream's [bs, nq, 1, 1, 1, Z, 2] view
@@ -361,6 +365,20 @@ def depth_weighted_deformable_attn(value: torch.Tensor, spatial_shapes: torch.Te
     weighted = attention_weights.to(w.dtype) * w
     return multi_scale_deformable_attn(value, spatial_shapes, level_start_index, sampling_locations, weighted,
                                        im2col_step)
+
+
+def _autocast_enabled(tensor: torch.Tensor) -> bool:
+    """Is autocast on for the tensor's (real) device? (Emulated NPU autocast is CPU autocast.)"""
+    kind = tensor.device.type
+    try:
+        return bool(torch.is_autocast_enabled(kind))  # torch >= 2.4
+    except TypeError:
+        if kind == "cpu":
+            return bool(torch.is_autocast_cpu_enabled())
+        if kind == "cuda":
+            return bool(torch.is_autocast_enabled())
+        npu = getattr(torch, "npu", None)
+        return bool(npu is not None and npu.is_autocast_enabled())
 
 
 def multi_scale_deformable_attn_pytorch(value: torch.Tensor, value_spatial_shapes: torch.Tensor,
