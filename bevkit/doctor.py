@@ -110,14 +110,26 @@ def cann_version(home: Optional[Path]) -> Optional[str]:
     return None
 
 
-def npu_matrix() -> List[Tuple[str, str]]:
-    """[(CANN version, torch_npu build)] from configs/requirements/npu-cann.tsv, default first."""
+def _npu_profile_torch() -> Optional[str]:
+    """The torch version npu.txt installs (its lines differ only by platform markers), or None."""
+    found = {_base(m.group(1)) for m in re.finditer(r"(?m)^\s*torch\s*==\s*([^\s;,#]+)",
+                                                    (REQ_DIR / "npu.txt").read_text())}
+    return found.pop() if len(found) == 1 else None
+
+
+def npu_matrix(torch_version: Optional[str] = None) -> List[Tuple[str, str]]:
+    """[(CANN version, torch_npu build)] from configs/requirements/npu-cann.tsv for ``torch_version`` (default:
+    the npu profile's torch from npu.txt), default first. Columns are tab-separated: cann, torch_npu, torch, ...
+    (the others document the row and its sources)."""
+    want = _base(torch_version) if torch_version else _npu_profile_torch()
     rows = []
     for raw in (REQ_DIR / "npu-cann.tsv").read_text().splitlines():
         line = raw.split("#", 1)[0].strip()
         if line:
-            cann, npu = line.split()[:2]
-            rows.append((cann, npu))
+            fields = [f.strip() for f in (line.split("\t") if "\t" in line else line.split())]
+            row_torch = fields[2] if len(fields) > 2 else None
+            if row_torch is None or want is None or row_torch == want:
+                rows.append((fields[0], fields[1]))
     return rows
 
 
@@ -238,7 +250,9 @@ def check_mx_driving(profile: str, torch_version: Optional[str]) -> Check:
         return Check("mx_driving", NA, f"not used on {profile} (bevkit.ops uses its portable/cuda paths)")
     want = pins("npu-accel.txt").get("mx-driving")
     if not have:
-        return Check("mx_driving", PROBLEM, "not installed", "rerun bash setup.sh --profile npu")
+        return Check("mx_driving", PROBLEM, "not installed",
+                     f"pip install mx-driving=={want}" if want else
+                     "build DrivingSDK at the branch npu-cann.tsv names for your CANN (see npu-accel.txt)")
     detail = have
     try:
         from importlib import metadata

@@ -92,7 +92,16 @@ def test_pins_follow_the_requirement_files():
     assert doctor.pins("common.txt")["mmdet"] == "2.28.0"
     torch_pin = doctor.pins("cpu.txt")["torch"]
     assert torch_pin.startswith("2.13.0") and torch_pin.endswith("+cpu")
-    assert doctor.pins("npu-accel.txt")["mx-driving"] == "26.1.0.post1"
+    # no PyPI mx-driving is documented with a PyPI torch_npu 2.1.0 build: npu-accel.txt pins none for that stack
+    assert "mx-driving" not in doctor.pins("npu-accel.txt")
+
+
+def test_npu_matrix_rows_follow_the_profile_torch():
+    """npu-cann.tsv lists stacks for several torch versions; setup.sh and doctor pick among the npu profile's."""
+    rows = doctor.npu_matrix()
+    assert rows and all(npu.startswith("2.1.0.post") for _, npu in rows)  # npu.txt installs torch 2.1.0
+    assert doctor.npu_matrix("2.7.1") == [("9.1.0", "2.7.1.post8")]
+    assert doctor.torch_npu_for("9.1.0") == (rows[0][1], None)  # not a torch 2.1.0 CANN: the default, said so
 
 
 def test_missing_data_validator_degrades_to_a_clear_problem(tmp_path, monkeypatch):

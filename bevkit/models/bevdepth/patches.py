@@ -153,7 +153,7 @@ def get_geometry(self, sensor2ego_mat, intrin_mat, ida_mat, bda_mat):
 
 
 def _deform_conv_forward(original):
-    """mmcv's DCN has no NPU kernel in the pip mmcv-full: run it through bevkit.ops.deform_conv2d."""
+    """DepthNet's DCN through bevkit.ops.deform_conv2d (mx_driving.deform_conv2d on NPU, see bevkit.ops)."""
 
     @functools.wraps(original)
     def forward(self, x):
@@ -405,8 +405,9 @@ PATCHES = PatchSet("bevdepth", [
         devices=("npu",), check=_is_function),
     RuntimePatch(
         "dcn_portable", "mmcv.ops.deform_conv:DeformConv2dPack.forward", _deform_conv_forward,
-        why="DepthNet's DCN: pip mmcv-full has no NPU kernel; bevkit.ops.deform_conv2d dispatches to "
-            "mx_driving", devices=("npu",), check=_is_function),
+        why="DepthNet's DCN runs mx_driving.deform_conv2d through bevkit.ops (the replacement mx_driving's own "
+            "patcher installs for mmcv's DeformConv2dFunction), not mmcv's NPU branch", devices=("npu",),
+        check=_is_function),
     RuntimePatch(
         "head_targets_device", f"{HEAD}:BEVDepthHead.get_targets_single", _get_targets_single,
         why="targets are created with device='cuda'; build them on the host and move them to the "
