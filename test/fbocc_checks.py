@@ -309,7 +309,7 @@ def occ_loss_nan():
     head = OccHead(in_channels=[8], out_channel=19, num_level=1, use_focal_loss=True, empty_idx=18,
                    norm_cfg=dict(type='BN', requires_grad=True), final_occ_size=[40, 40, 4])
     B, C, X, Y, Z = 1, 19, 40, 40, 4
-    logits = torch.randn(B, C, X, Y, Z)
+    logits = torch.randn(B, C, X, Y, Z)  # float32: upstream's Lovasz term casts to float
     logits[0, 3, 1, 2, 0] = float('nan')
     logits[0, 5, 4, 4, 1] = float('inf')
     logits[0, 7, 6, 1, 2] = -float('inf')
@@ -326,6 +326,8 @@ def occ_loss_nan():
     masked = logits * (~(torch.isnan(logits) | torch.isinf(logits)))
     return {"keys_equal": sorted(ours) == sorted(ref),
             "max_abs_err": max(abs(float(ours[k] - ref[k])) for k in ref),
+            "max_rel_err": max(abs(float(ours[k] - ref[k])) / max(abs(float(ref[k])), 1e-30) for k in ref),
+            "n_terms": B * C * X * Y * Z, "grad_max": float(g_ref.abs().max()),
             "finite": all(bool(torch.isfinite(v)) for v in ours.values()),
             "grad_max_abs_err": float((g_ours - g_ref).abs().max()),
             "grad_finite": bool(torch.isfinite(g_ours).all()),
