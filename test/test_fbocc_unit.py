@@ -64,7 +64,7 @@ def test_configs_pin_the_reference_recipe():
 
 
 def test_sync_bn_policy():
-    from bevkit.models.fbocc.patches import sync_bn_policy
+    from bevkit.models.fbocc.config import sync_bn_policy
 
     assert sync_bn_policy("npu", 8) == "sync"
     assert sync_bn_policy("cuda", 2) == "sync"
@@ -99,6 +99,27 @@ def test_rebase_data_paths_follow_data_root(tmp_path):
     assert fresh.load_from == "ckpts/r50_256x705_depth_pretrain.pth"
     assert fresh.data.train.ann_file == f"{root}/bevdetv2-nuscenes_infos_train.pkl"
     assert propagate_shared(cfg) and cfg.data.train.pipeline[0].data_config.input_size == (128, 352)
+
+
+def test_rebase_keeps_paths_the_user_chose(tmp_path):
+    """Only paths that still point at upstream's default data folder follow data_root: a user's
+    --cfg-options data.val.ann_file=... (or occupancy_path=...) is kept."""
+    mmcv = pytest.importorskip("mmcv")
+    from bevkit.models.fbocc.config import rebase_data_paths
+
+    cfg = mmcv.Config(dict(
+        data_root="data/nuscenes/", occupancy_path="data/nuscenes/gts",
+        data=dict(train=dict(ann_file="data/nuscenes/bevdetv2-nuscenes_infos_train.pkl", occupancy_path="data/nuscenes/gts"),
+                  val=dict(ann_file="data/nuscenes/bevdetv2-nuscenes_infos_val.pkl", occupancy_path="data/nuscenes/gts"))))
+    root = tmp_path / "nus"
+    mine = str(tmp_path / "elsewhere" / "my_val_infos.pkl")
+    cfg.merge_from_dict({"data_root": str(root), "data.val.ann_file": mine,
+                         "occupancy_path": str(tmp_path / "my_gts")})
+    changed = rebase_data_paths(cfg)
+    assert cfg.data.val.ann_file == mine and mine not in changed  # kept
+    assert cfg.data.train.ann_file == f"{root}/bevdetv2-nuscenes_infos_train.pkl"  # followed data_root
+    assert cfg.occupancy_path == str(tmp_path / "my_gts")  # kept, and the datasets follow it
+    assert cfg.data.train.occupancy_path == cfg.data.val.occupancy_path == str(tmp_path / "my_gts")
 
 
 def test_device_policy_cpu_drops_fp16_and_uses_gloo():
@@ -190,7 +211,7 @@ def test_sync_bn_policy_reverts_hard_coded_syncbn():
     from bevkit.compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()  # mmcv.cnn imports torchvision (CUDA-built wheel on a CPU torch)
-    from bevkit.models.fbocc.patches import apply_sync_bn_policy
+    from bevkit.models.fbocc.config import apply_sync_bn_policy
 
     def make():  # like FBOCC's history convs: a hard-coded nn.SyncBatchNorm on 5-D input
         return nn.Sequential(nn.Conv3d(4, 8, 1), nn.SyncBatchNorm(8), nn.ReLU())
@@ -220,7 +241,7 @@ def test_8p_scripts_dry_run_the_npu_command(script, mode, entry, tmp_path):
 
 
 def test_wrapper_factory_keeps_class_semantics():
-    from bevkit.models.fbocc.patches import _factory_class
+    from bevkit.models.fbocc.patches.device import _factory_class
 
     class Wrapper:  # stands in for MMDistributedDataParallel
         def __init__(self, module, device_ids=None, **kwargs):

@@ -133,7 +133,7 @@ def test_write_metrics_merges_on_rank_0_only(tmp_path, monkeypatch):
 
 
 def test_versions_are_read_without_importing_the_packages():
-    code = ("import sys, json; from bevkit.results import collect_versions; v = collect_versions(); "
+    code = ("import sys, json; from bevkit.provenance import collect_versions; v = collect_versions(); "
             "print(json.dumps([v, 'torch' in sys.modules, 'torch_npu' in sys.modules]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     versions, torch_imported, npu_imported = json.loads(out.stdout)
@@ -148,7 +148,9 @@ def test_versions_are_read_without_importing_the_packages():
 
 def test_cann_version_from_install_info(tmp_path):
     (tmp_path / "ascend_toolkit_install.info").write_text("package_name=Ascend-cann-toolkit\nversion=8.3.RC1\n")
-    assert res.cann_version({"ASCEND_TOOLKIT_HOME": str(tmp_path)}) == "8.3.RC1"
+    from bevkit.provenance import cann_version
+
+    assert cann_version({"ASCEND_TOOLKIT_HOME": str(tmp_path)}) == "8.3.RC1"
 
 
 def test_per_step_arrays_are_written_compactly(tmp_path):
