@@ -109,8 +109,10 @@ def test_rebase_keeps_paths_the_user_chose(tmp_path):
 
     cfg = mmcv.Config(dict(
         data_root="data/nuscenes/", occupancy_path="data/nuscenes/gts",
-        data=dict(train=dict(ann_file="data/nuscenes/bevdetv2-nuscenes_infos_train.pkl", occupancy_path="data/nuscenes/gts"),
-                  val=dict(ann_file="data/nuscenes/bevdetv2-nuscenes_infos_val.pkl", occupancy_path="data/nuscenes/gts"))))
+        data=dict(train=dict(ann_file="data/nuscenes/bevdetv2-nuscenes_infos_train.pkl",
+                             occupancy_path="data/nuscenes/gts"),
+                  val=dict(ann_file="data/nuscenes/bevdetv2-nuscenes_infos_val.pkl",
+                           occupancy_path="data/nuscenes/gts"))))
     root = tmp_path / "nus"
     mine = str(tmp_path / "elsewhere" / "my_val_infos.pkl")
     cfg.merge_from_dict({"data_root": str(root), "data.val.ann_file": mine,

@@ -162,3 +162,16 @@ def test_per_step_arrays_are_written_compactly(tmp_path):
     loaded = json.loads(text)
     assert loaded["per_step"]["step"] == list(range(1, 2001)) and loaded["per_step"]["loss"][4] is None
     assert loaded["metrics"]["per_class_iou"] == {"car": 0.5} and loaded["steps"] == 2000
+
+
+def test_results_are_typed_and_carry_their_schema(tmp_path):
+    results = _results(tmp_path)
+    assert isinstance(results, res.Results) and results.world_size == 8 and results.status == "ok"
+    path, _, _ = res.write_results(tmp_path, results)
+    loaded = res.load_results(path)
+    assert loaded["schema"] == res.SCHEMA_VERSION and loaded == {**results.to_dict(), "_path": str(path),
+                                                                  "files": loaded["files"]}
+    newer = dict(loaded, schema=res.SCHEMA_VERSION + 1)
+    res.atomic_write_json(tmp_path / "newer" / res.RESULTS_FILE, {k: v for k, v in newer.items() if k != "_path"})
+    with pytest.raises(ValueError, match="schema"):
+        res.load_results(tmp_path / "newer")

@@ -164,7 +164,6 @@ LARGE_AND_COHESIVE = {
     "bevkit/upstream.py": "materialize / verify / patch / status of the upstream checkouts (git plumbing)",
     "bevkit/data/world.py": "the synthetic street world (one generator)",
     "bevkit/data/synthetic.py": "the synthetic nuScenes writer (one format)",
-    "bevkit/doctor.py": "one row per environment check",
     "tools/bench_ops.py": "one benchmark script per op at the models' shapes",
 }
 
