@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from bevkit import REPO_ROOT, device
-from bevkit.models import MODELS
+from bevkit.registry import MODELS
 from bevkit.provenance import cann_home, cann_version, dist_version
 
 REQ_DIR = REPO_ROOT / "configs" / "requirements"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from bevkit.device import DEVICES
-from bevkit.models import all_specs
+from bevkit.registry import all_specs
 
 #: Every patch set of the kit, by name -> "module:attribute" of a PatchSet (imported lazily, because
 #: model patch modules import torch and upstream code).

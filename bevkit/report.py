@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from bevkit.models import all_specs
+from bevkit.registry import all_specs
 from bevkit.results import display_metrics, load_results
 
 

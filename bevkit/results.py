@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from bevkit import __version__, env
-from bevkit.models import all_specs, get_spec
+from bevkit.registry import all_specs, get_spec
 from bevkit.provenance import collect_versions
 
 METRICS_FILE = "metrics.json"

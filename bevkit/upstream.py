@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from bevkit import REPO_ROOT
-from bevkit.models import Upstream, all_specs
+from bevkit.registry import Upstream, all_specs
 
 #: Where checkouts live (default: <repo>/upstream). Tests and side-by-side installs point it elsewhere.
 UPSTREAM_DIR_ENV = "BEVKIT_UPSTREAM_DIR"

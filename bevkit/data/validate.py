@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from bevkit.data.schema import LIDAR, TABLE_FIELDS, TABLES, TEST, TRAINVAL
-from bevkit.models import MODELS as _REGISTRY
-from bevkit.models import get_spec
+from bevkit.registry import MODELS as _REGISTRY
+from bevkit.registry import get_spec
 
 #: Models whose data can be checked (each model's own part: ``ModelSpec.data_checks``).
 MODELS = tuple(_REGISTRY)

@@ -42,7 +42,7 @@ from bevkit.launch.environment import ENV_DIR, expand, read_env_file, usable_cor
 from bevkit.launch.execute import execute, print_dry_run, refuse_bad_data, render_command
 from bevkit.launch.plan import Machine, Plan, free_port, load_spec, next_run_dir, plan
 from bevkit.launch.request import DEFAULT_PERFORMANCE_STEPS, LaunchError, Request, build_parser, parse
-from bevkit.models import ModelSpec
+from bevkit.registry import ModelSpec
 
 __all__ = ["DEFAULT_PERFORMANCE_STEPS", "ENV_DIR", "LaunchError", "Machine", "Plan", "Request", "build_parser",
            "expand", "launch_once", "load_spec", "main", "make_plan", "next_run_dir", "parse", "plan",

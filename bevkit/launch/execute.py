@@ -17,7 +17,7 @@ from typing import List, Mapping, Sequence, Tuple
 from bevkit import __version__, log
 from bevkit.launch.plan import Plan
 from bevkit.launch.request import LaunchError
-from bevkit.models import MODELS, ModelSpec
+from bevkit.registry import MODELS, ModelSpec
 
 LOG_FILE = "train.log"
 LAUNCH_FILE = "launch.json"

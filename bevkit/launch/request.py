@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from bevkit.device import DEVICES
-from bevkit.models import MODELS, MODES
+from bevkit.registry import MODELS, MODES
 
 DEFAULT_NPROC = 8
 #: performance runs stop after this many steps unless the model (ModelSpec.performance_steps) or --max-steps

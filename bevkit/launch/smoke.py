@@ -20,7 +20,7 @@ from typing import Callable, Optional, Tuple
 from bevkit import REPO_ROOT, env, log
 from bevkit.launch.plan import load_spec
 from bevkit.launch.request import Request
-from bevkit.models import ModelSpec
+from bevkit.registry import ModelSpec
 
 DEFAULT_DATA = REPO_ROOT / "runs" / "synthetic-nuscenes"
 

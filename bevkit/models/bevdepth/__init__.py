@@ -14,7 +14,7 @@ from typing import List, Optional
 
 from bevkit import REPO_ROOT, env
 from bevkit.checkpoints import RESNET50
-from bevkit.models.spec import LaunchRequest, ModelSpec, Upstream
+from bevkit.registry import LaunchRequest, ModelSpec, Upstream
 
 UPSTREAM = Upstream(
     name="BEVDepth", model="bevdepth",

@@ -1,7 +1,12 @@
-"""What a model contributes to the kit, as data: :class:`ModelSpec`, its :class:`Upstream`, and the
-:class:`LaunchRequest` the launcher hands it. No torch, no upstream code, no other kit module: every shared
-module (launcher, upstream registry, patch registry, data validator, doctor, results, report) imports this and
-iterates over the registered models (:mod:`bevkit.models`).
+"""The registry of models: one line per model in :data:`MODELS`, and what a model contributes, as data.
+
+A model is one package ``bevkit/models/<name>/`` whose ``SPEC`` (:class:`ModelSpec`) says everything the shared
+modules need: its upstream (:class:`Upstream`), launch entry and batch (for a :class:`LaunchRequest`), runtime
+patch set, data checks, metrics, reference results, checkpoints. Every shared module (launcher, upstream
+checkouts, patch registry, data validator, doctor, results, report) iterates over :func:`all_specs`; nothing
+else lists the models. No torch, no upstream code, no other kit module here.
+
+The launcher -> training process contract (environment variables) is :mod:`bevkit.env`.
 """
 from __future__ import annotations
 
@@ -114,3 +119,22 @@ class ModelSpec:
             return []
         rows = json.loads((REPO_ROOT / self.references).read_text(encoding="utf-8"))
         return [dict(row, model=self.name) for row in rows]
+
+
+#: model name -> package that defines ``SPEC``. Imported lazily: a spec module imports nothing heavy, but
+#: the registry stays importable even while one model is broken.
+MODELS: Dict[str, str] = {
+    "fbocc": "bevkit.models.fbocc",
+    "bevdepth": "bevkit.models.bevdepth",
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    return importlib.import_module(MODELS[name]).SPEC
+
+
+def all_specs() -> List[ModelSpec]:
+    """Every registered model's spec, in registry order."""
+    return [get_spec(name) for name in MODELS]
