@@ -54,6 +54,22 @@ def test_spec_custom_config_batch(tmp_path):
     assert get_spec("fbocc").batch_per_device(_request("full", tmp_path, config=cfg)) == 3
 
 
+def test_eval_batch_is_what_tools_test_uses(tmp_path):
+    """tools/test.py evaluates 1 sample per device whatever the config trains with: an eval dry run used to
+    print the training batch ("batch 4/device, global batch 32")."""
+    from bevkit import launch
+
+    spec = get_spec("fbocc")
+    config = REPO / "fbocc/configs/fbocc_r50_8p.py"
+    assert spec.batch_per_device(_request("eval", tmp_path, config=config, checkpoint=tmp_path / "w.pth")) == 1
+    assert spec.batch_per_device(_request("full", tmp_path, config=config)) == 4
+    (tmp_path / "data").mkdir()
+    plan = launch.make_plan(launch.parse(["--model", "fbocc", "--mode", "eval", "--device", "cpu", "--dry-run",
+                                          "--checkpoint", str(tmp_path / "w.pth"), "--data-root",
+                                          str(tmp_path / "data"), "--master-port", "29501"]))
+    assert "batch 1/device, global batch 8" in plan.notes[0] and plan.env_set["BEVKIT_SAMPLES_PER_DEVICE"] == "1"
+
+
 def test_configs_pin_the_reference_recipe():
     text = (REPO / "fbocc/configs/fbocc_r50_8p.py").read_text()
     assert re.search(r"^num_gpus = 8$", text, re.M) and re.search(r"^samples_per_gpu = 4$", text, re.M)
