@@ -95,5 +95,9 @@ def launch_once(request: Request) -> Tuple[int, Optional[Path]]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     request = parse(sys.argv[1:] if argv is None else argv)
     if request.mode == "smoke" and request.spec_ref is None:  # the whole pipeline: data, preparation, training, eval
-        return smoke.run(request, launch_once)
+        try:
+            return smoke.run(request, launch_once)
+        except LaunchError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return launch_once(request)[0]

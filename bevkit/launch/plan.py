@@ -21,7 +21,7 @@ from bevkit.device import DEVICES, RunDevice, detect_profile
 from bevkit.launch import environment
 from bevkit.launch.request import (DEFAULT_NPROC, DEFAULT_PERFORMANCE_STEPS, MULTINODE_DEFAULT_PORT, LaunchError,
                                    Request, _abs)
-from bevkit.registry import LaunchRequest, ModelSpec, get_spec
+from bevkit.registry import MODELS, LaunchRequest, ModelSpec, get_spec
 
 
 @dataclass
@@ -70,8 +70,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 def load_spec(model: Optional[str], spec_ref: Optional[str]) -> ModelSpec:
     if spec_ref is None:
         if model is None:
-            from bevkit.registry import MODELS
-
             raise LaunchError("--model is required (one of: " + ", ".join(sorted(MODELS)) + ")")
         try:
             return get_spec(model)
