@@ -133,7 +133,7 @@ def lidar_coor_rank6():
     import torch
 
     activated()
-    from bevkit.models.fbocc.patches import lidar_coor_rank6 as ours
+    from bevkit.models.fbocc.patches.npu import lidar_coor_rank6 as ours
     from mmdet3d.models.fbbev.view_transformation.forward_projection.view_transformer import \
         LSSViewTransformerFunction3D
 
@@ -154,7 +154,7 @@ def cam2ego_coor_rank6():
     import torch
 
     activated()
-    from bevkit.models.fbocc.patches import cam2ego_coor_rank6 as ours
+    from bevkit.models.fbocc.patches.npu import cam2ego_coor_rank6 as ours
     from mmdet3d.models.fbbev.view_transformation.forward_projection.view_transformer import \
         LSSViewTransformerFunction3D
 
@@ -173,7 +173,7 @@ def point_sampling_rank6():
     import torch
 
     activated()
-    from bevkit.models.fbocc.patches import point_sampling_rank6 as ours
+    from bevkit.models.fbocc.patches.npu import point_sampling_rank6 as ours
     from mmdet3d.models.fbbev.view_transformation.backward_projection.bevformer_utils.bevformer_encoder import \
         bevformer_encoder
 
@@ -212,7 +212,7 @@ def da_msda_depth_weighting():
 
     sca = importlib.import_module("mmdet3d.models.fbbev.view_transformation.backward_projection."
                                   "bevformer_utils.spatial_cross_attention_depth")
-    from bevkit.models.fbocc.patches import _level_start_index  # noqa: F401
+    from bevkit.models.fbocc.patches.ops import _level_start_index  # noqa: F401
 
     upstream_forward = applied_original("fbocc-da-msda")
     reference_msda = applied_original("fbocc-msda-self-attn")  # mmcv's multi_scale_deformable_attn_pytorch
@@ -339,7 +339,7 @@ def conv3d_shortcut():
     import torch
 
     activated()
-    from bevkit.models.fbocc.patches import _conv1x1x1
+    from bevkit.models.fbocc.patches.npu import _conv1x1x1
     from mmdet3d.models.fbbev.modules import resnet3d
 
     make = _conv1x1x1(resnet3d.conv1x1x1)

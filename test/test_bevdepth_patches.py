@@ -29,7 +29,7 @@ def bd(bevdepth_checkout):
 
     if str(bevdepth_checkout) not in sys.path:
         sys.path.insert(0, str(bevdepth_checkout))
-    runtime.activate("cpu")
+    runtime.activate(device="cpu")
     yield bevdepth_checkout
     runtime.deactivate()
 
@@ -56,7 +56,7 @@ def test_experiment_imports_on_cpu_without_cuda(bevdepth_checkout):
     code = (
         "import torch; assert not torch.cuda.is_available()\n"
         "from bevkit.models.bevdepth.runtime import activate\n"
-        "activate('cpu')\n"
+        "activate(device='cpu')\n"
         f"import importlib; m = importlib.import_module('{EXP_2KEY}')\n"
         "from bevkit.models.bevdepth.patches import PATCHES\n"
         "print('classes', m.BEVDepthLightningModel.__mro__[1].__module__)\n"

@@ -40,10 +40,10 @@ def test_unknown_model_is_an_argument_error(capsys):
 
 
 def test_torch_npu_on_a_machine_without_npu_is_a_problem(monkeypatch):
-    monkeypatch.setattr(doctor, "_dist_version", lambda *names: "2.1.0.post17" if "torch-npu" in names else None)
+    monkeypatch.setattr(doctor, "dist_version", lambda *names: "2.1.0.post17" if "torch-npu" in names else None)
     row = doctor.check_torch_npu("cpu", "2.13.0+cpu")
     assert row.status == PROBLEM and "pip uninstall -y torch_npu" in row.fix
-    monkeypatch.setattr(doctor, "_dist_version", lambda *names: None)
+    monkeypatch.setattr(doctor, "dist_version", lambda *names: None)
     assert doctor.check_torch_npu("cpu", "2.13.0+cpu").status == NA
 
 
@@ -70,11 +70,11 @@ def test_cann_version_and_torch_npu_matrix(tmp_path):
 
 def test_torch_npu_must_match_cann_and_torch(tmp_path, monkeypatch):
     env = _fake_cann(tmp_path, "8.3.RC1")
-    monkeypatch.setattr(doctor, "_dist_version", lambda *names: "2.1.0.post12" if "torch-npu" in names else None)
+    monkeypatch.setattr(doctor, "dist_version", lambda *names: "2.1.0.post12" if "torch-npu" in names else None)
     row = doctor.check_torch_npu("npu", "2.1.0", env)
     assert row.status == PROBLEM and "CANN 8.3.RC1 needs torch_npu 2.1.0.post17" in row.detail
     assert "torch-npu==2.1.0.post17" in row.fix
-    monkeypatch.setattr(doctor, "_dist_version", lambda *names: "2.1.0.post17" if "torch-npu" in names else None)
+    monkeypatch.setattr(doctor, "dist_version", lambda *names: "2.1.0.post17" if "torch-npu" in names else None)
     assert doctor.check_torch_npu("npu", "2.1.0", env).status == OK
     row = doctor.check_torch_npu("npu", "2.13.0", env)
     assert row.status == PROBLEM and "built for torch 2.1.0" in row.detail
