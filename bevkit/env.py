@@ -67,6 +67,11 @@ VARIABLES: Tuple[Var, ...] = (
     Var("BEVKIT_VENV", "user", "<repo>/.venv", "the virtual environment setup.sh creates and the tools use"),
     Var("BEVKIT_PYTHON", "user", "<venv>/bin/python", "the Python the tools/* entries run"),
     Var("BEVKIT_TORCH_INDEX", "user", "-", "extra package index for torch (e.g. the PyTorch CPU wheels)"),
+    # --- CI
+    Var("BEVKIT_UPSTREAM_SOURCES", "user (CI)", "../shared/upstream",
+        ".ci/run: folder holding FB-BEV.git.tar.gz and BEVDepth.git.tar.gz (else setup.sh clones from GitHub)"),
+    Var("BEVKIT_CI", "setup (.ci/run)", "-", "1: a skipped test fails unless it is marked 'hardware' (GPU/NPU)"),
+    Var("BEVKIT_TEST_TIMINGS", "setup (.ci/run)", "-", "file the test suite writes its time per phase to (JSON)"),
 )
 
 BY_NAME: Dict[str, Var] = {v.name: v for v in VARIABLES}

@@ -165,6 +165,7 @@ LARGE_AND_COHESIVE = {
     "bevkit/data/world.py": "the synthetic street world (one generator)",
     "bevkit/data/synthetic.py": "the synthetic nuScenes writer (one format)",
     "tools/bench_ops.py": "one benchmark script per op at the models' shapes",
+    "bevkit/gpu_check.py": "the one GPU check: build the CUDA extensions, op parity, fp16 model steps, one JSON",
 }
 
 
