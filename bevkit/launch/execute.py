@@ -62,7 +62,7 @@ def launch_record(plan: Plan, launcher_argv: Sequence[str]) -> dict:
         "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "request": {"model": plan.spec.name, "mode": r.mode, "device": r.device, "data_root": str(r.data_root),
                     "run_dir": str(r.run_dir), "nproc_per_node": r.nproc_per_node, "nnodes": r.nnodes,
-                    "node_rank": plan.node_rank, "master_addr": plan.master_addr,
+                    "node_rank": plan.node_rank, "master_addr": plan.master_addr, "launcher": plan.launcher,
                     "master_port": plan.master_port, "config": str(r.config) if r.config else None,
                     "checkpoint": str(r.checkpoint) if r.checkpoint else None, "max_steps": r.max_steps,
                     "extra_args": list(r.extra_args), "batch_per_device": plan.batch_per_device,
