@@ -46,6 +46,7 @@ class Request:
     max_steps: Optional[int] = None       # None: performance runs get the model's step count
     warmup_steps: Optional[int] = None    # None: the first 10% of the steps
     launcher: Optional[str] = None        # None: 'slurm' inside a Slurm job task, else 'local'
+    flow: Optional[str] = None            # the flow this launch is a step of ('smoke', 'demo'; recorded in results)
     data_check: bool = True
     dry_run: bool = False
     extra: Tuple[str, ...] = ()           # after '--': the upstream entry point's arguments
