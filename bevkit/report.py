@@ -6,8 +6,9 @@
 
 Writes ``DIR/report.md`` (runs, accuracy gates, links to each run's pictures of predictions), ``DIR/loss.png``
 and ``DIR/step_time.png`` (default DIR: ``report/`` inside the first run folder) and prints the Markdown.
-``--gate`` only judges accuracy (:mod:`bevkit.gate`) and exits 1 when a run fails its gate. The reference results are each model's data (``ModelSpec.references``:
-``fbocc/reference.json``, ``bevdepth/reference.json``, with their sources), the same numbers as README.md.
+``--gate`` only judges accuracy (:mod:`bevkit.gate`) and exits 1 when a run fails its gate. The reference results
+are each model's data (``ModelSpec.references``: ``fbocc/reference.json``, ``bevdepth/reference.json``, with their
+sources), the same numbers as README.md.
 """
 from __future__ import annotations
 

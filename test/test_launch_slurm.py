@@ -73,6 +73,22 @@ def test_two_nodes_of_8_from_slurm_dry_run(stub):  # noqa: F811
     assert local.launcher == "local" and local.argv[:8] == torchrun(1, 8, 0, "127.0.0.1", local.master_port)
 
 
+def test_slurm_plan_is_pure(stub, monkeypatch):  # noqa: F811
+    """The Slurm shape is read from the machine's environment as data: no scontrol, no process."""
+    def no_process(*args, **kwargs):
+        raise AssertionError(f"plan() started a process: {args}")
+
+    monkeypatch.setattr(subprocess, "run", no_process)
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    machine = launch.Machine(environ=dict(BASE_ENV, **srun_env(1, nodelist="n[3,5]")), cores=4,
+                             upstream_checkout=lambda name: (stub.checkout, [stub.checkout]),
+                             upstream_problems=lambda name: [], free_port=lambda: 1, detect_device=lambda: "cpu")
+    request = launch.parse(["--model", "stubnet", "--mode", "full", "--data-root", str(stub.data),
+                            "--work-dir", str(stub.work), "--nproc", "2"])
+    plan = launch.plan(request, machine)
+    assert plan.argv[:8] == torchrun(2, 2, 1, "n3", slurm.PORT_BASE + 4711) and not stub.work.exists()
+
+
 def test_slurm_refusals_name_the_fix(stub):  # noqa: F811
     def refused(environ, *options):
         with pytest.raises(launch.LaunchError) as info:
@@ -159,8 +175,8 @@ def test_sbatch_example_runs_one_launcher_task_per_node(tmp_path):
     env.update(PATH=f"{fake_bin}:{env.get('PATH', '')}", BEVKIT_PYTHON=sys.executable, SLURM_JOB_ID="9",
                SLURM_JOB_NUM_NODES="2", SLURM_NNODES="2", SLURM_NODEID="0", SLURM_PROCID="0",
                SLURM_JOB_NODELIST="npu[7-8]", MODEL="bevdepth", DATA_ROOT=str(data))
-    out = subprocess.run(["bash", str(REPO_ROOT / "tools/slurm/train_2x8.sbatch"), "--dry-run", "--no-data-check"], cwd=str(REPO_ROOT),
-                         env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(["bash", str(REPO_ROOT / "tools/slurm/train_2x8.sbatch"), "--dry-run", "--no-data-check"],
+                         cwd=str(REPO_ROOT), env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 bevdepth/test/train_8p_full.sh --launcher " \
            f"slurm --nproc 8 --data-root {data} --dry-run --no-data-check" in out.stdout

@@ -180,7 +180,9 @@ def test_bevdepth_hook_dumps_boxes_depth_and_ground_truth_and_draws_them(run_dir
 
     exp, ego = _bevdepth_exp(tmp_path, torch)
     sweep_imgs = torch.zeros(1, 2, 6, 3, 8, 24)
-    sweep_imgs[0, 0, 1, 0] = 1.0  # CAM_FRONT's key-frame input, red channel: 100 + 1 x 50 after denormalizing
+    # CAM_FRONT's key-frame input, channel 0: 100 + 1 x 50 after denormalizing; the dataset swapped PIL's RGB
+    # (to_rgb=True), so channel 0 is blue
+    sweep_imgs[0, 0, 1, 0] = 1.0
     meta = {"token": "s1", "ego2global_translation": np.array(ego["translation"]),
             "ego2global_rotation": np.array(ego["rotation"])}
     boxes = np.array([[10.0, 0.2, 0.8, 4.4, 1.9, 1.6, 0.0, 0.0, 0.0]], np.float32)
@@ -201,7 +203,7 @@ def test_bevdepth_hook_dumps_boxes_depth_and_ground_truth_and_draws_them(run_dir
         assert gt[0, :3] == pytest.approx([10.0, 0.0, 0.8], abs=1e-5)  # 10 m ahead in the ego frame
         assert gt[0, 3:6] == pytest.approx([4.5, 1.9, 1.6]) and gt[0, 6] == pytest.approx(0.0, abs=1e-6)
         assert sample["depth"].shape == (8, 24) and float(sample["depth"].mean()) == pytest.approx(14.0, abs=0.05)
-        assert str(sample["depth_camera"]) == "CAM_FRONT" and sample["depth_input"][0, 0].tolist() == [150, 110, 120]
+        assert str(sample["depth_camera"]) == "CAM_FRONT" and sample["depth_input"][0, 0].tolist() == [120, 110, 150]
         uv, z = vis.project(gt[:1, :3], sample["ego2img"][1])
         assert uv[0] == pytest.approx([80.0, 45.0 + 100 * 0.7 / 9.0]) and z[0] == pytest.approx(9.0)
     # predict passes dump nothing (the test split has no ground truth)

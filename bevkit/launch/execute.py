@@ -179,7 +179,7 @@ def finish(plan: Plan, exit_code: int, e2e_s: float, out=None) -> Path:
                          "pictures": [str(p.relative_to(r.run_dir)) for p in pictures] or None}})
     path, _log, printed = res.write_results(r.run_dir, results)
     out = out or sys.stdout
-    if exit_code == 0 and r.mode in ("full", "performance", "smoke") and not records and plan.node_rank == 0:
+    if exit_code == 0 and r.mode in ("full", "performance", "smoke", "demo") and not records and plan.node_rank == 0:
         out.flush()
         log.get().warning(f"no step records in {r.run_dir / STEPS_FILE}: the entry point did not use "
                           "bevkit.timing, so no step time or FPS could be measured")

@@ -95,6 +95,10 @@ def dump(exp, batch, results, captured) -> None:
                                             pose(ego["rotation"], ego["translation"]), ego2global))
         boxes, scores, labels = (np.asarray(v) for v in results[i][:3])
         image = sweep_imgs[i, 0, front].detach().float().cpu().permute(1, 2, 0).numpy() * std + mean
+        if exp.img_conf.get("to_rgb"):
+            # the dataset normalizes PIL's RGB with to_rgb=True (a BGR -> RGB swap), so the network sees BGR:
+            # swap back to show the true colours
+            image = image[..., ::-1]
         arrays = {
             "index": np.array(_DUMPER.written),  # the order this rank evaluated them in
             "boxes": boxes.astype(np.float32), "scores": scores.astype(np.float32), "labels": labels.astype(np.int64),
@@ -156,18 +160,19 @@ def draw_bev(sample: Dict[str, Any], path: Path, threshold: float) -> Path:
     boxes, labels, scores = _chosen(sample, threshold)
     fig, ax = plt.subplots(figsize=(8, 8.6))
 
-    def outline(box, colour, style, width):
+    def outline(box, colour, style, width, zorder):
         corners = box_corners(box[None, :7])[0, :4]            # bottom face, in the ego frame
         # seen from above with x (forward) up and y (left) to the left: plot (y, x) with the y axis inverted
         loop = np.vstack([corners, corners[:1]])
-        ax.plot(loop[:, 1], loop[:, 0], linestyle=style, color=colour, linewidth=width)
+        ax.plot(loop[:, 1], loop[:, 0], linestyle=style, color=colour, linewidth=width, zorder=zorder)
         front = corners[:2].mean(axis=0)
-        ax.plot([box[1], front[1]], [box[0], front[0]], linestyle=style, color=colour, linewidth=width)
+        ax.plot([box[1], front[1]], [box[0], front[0]], linestyle=style, color=colour, linewidth=width,
+                zorder=zorder)
 
     for box, label in zip(sample["gt_boxes"], sample["gt_labels"]):
-        outline(box, GT_COLOUR, "--", 1.2)
+        outline(box, GT_COLOUR, "--", 1.2, 3)  # on top: the predictions must not hide the ground truth
     for box, label, score in zip(boxes, labels, scores):
-        outline(box, _colour(classes[label]), "-", 1.6)
+        outline(box, _colour(classes[label]), "-", 1.4, 2)
         ax.text(box[1], box[0], f"{score:.2f}", fontsize=6, color=_colour(classes[label]))
     ax.plot([0], [0], marker="^", color="black", markersize=8)
     ax.set_xlim(BEV_RANGE, -BEV_RANGE)
