@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", required=True, choices=MODES,
                    help="full: train + evaluate; performance: train --max-steps steps (default: the model's, "
                         f"{DEFAULT_PERFORMANCE_STEPS} unless it says) for speed; eval: evaluate --checkpoint; "
-                        "smoke: tiny run")
+                        "smoke: tiny run on synthetic data; demo: a run that learns the synthetic data, then "
+                        "the demo's accuracy gate")
     p.add_argument("--data-root", type=Path,
                    help="nuScenes-format data root (default: $BEVKIT_DATA_ROOT or <repo>/data/nuscenes)")
     p.add_argument("--nproc", type=int, default=None,
