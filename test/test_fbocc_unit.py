@@ -341,3 +341,20 @@ def test_prepare_sets_stale_infos_aside_and_recreates_them(tmp_path_factory, tmp
 
     assert prepare.main([str(data), "--fbbev", str(fbbev), "--no-checkpoints"]) == 0
     assert recreated == [data]  # usable infos are not recreated
+
+
+def test_demo_trains_the_demo_config_with_its_own_batch(tmp_path):
+    """--mode demo trains SPEC.configs['demo'] like a training run; its batch comes from that config (a kit config
+    from the table, any other read with mmcv), so swapping the demo config is one line."""
+    import bevkit.models.fbocc as fbocc
+
+    spec = get_spec("fbocc")
+    demo = REPO / spec.configs["demo"]
+    argv = spec.build_entry(_request("demo", tmp_path, config=demo))
+    assert argv[:2] == ["tools/train.py", str(demo)] and "--work-dir" in argv
+    assert argv == spec.build_entry(_request("demo", tmp_path))  # the default config of the mode
+    expected = fbocc.CONFIG_SAMPLES_PER_DEVICE.get(spec.configs["demo"])
+    if expected is None:
+        expected = fbocc._samples_per_gpu(demo)
+    assert spec.batch_per_device(_request("demo", tmp_path)) == expected
+    assert spec.smoke_eval_checkpoint == "latest.pth" and spec.pictures and spec.gates()["demo"]["checks"]

@@ -18,8 +18,9 @@ The package, in the order a launch goes through it:
   time>[-node<k>][-<n>]`` (earlier runs are never touched), ``launch.json``, torchrun teed to ``train.log``,
   ``results.json`` and ``<Network>_bs<B>_<N>p_<mode>.log`` (also when training failed), the Ascend-style
   summary lines and, last, ``results: <path>``; exit code = torchrun's;
-- :mod:`.smoke`: ``--mode smoke``: data, preparation, training, then an evaluation request built from the
-  training's.
+- :mod:`.smoke`: ``--mode smoke`` / ``--mode demo``: data, preparation, training, then an evaluation request built
+  from the training's (demo: then the accuracy gate of the demo);
+- :mod:`.slurm`: ``--launcher slurm`` (or inside an srun step): nodes, node rank and master from ``SLURM_*``.
 
 Multi-node: run the same command on every node with ``--nnodes N --node-rank K --master-addr <node 0>``;
 each node gets its own run folder. ``steps.jsonl`` and ``metrics.json`` are written by global rank 0,
@@ -94,7 +95,7 @@ def launch_once(request: Request) -> Tuple[int, Optional[Path]]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     request = parse(sys.argv[1:] if argv is None else argv)
-    if request.mode == "smoke" and request.spec_ref is None:  # the whole pipeline: data, preparation, training, eval
+    if request.mode in smoke.FLOWS and request.spec_ref is None:  # data, preparation, training, eval (demo: gate)
         try:
             return smoke.run(request, launch_once)
         except LaunchError as e:

@@ -62,11 +62,11 @@ def launch_record(plan: Plan, launcher_argv: Sequence[str]) -> dict:
         "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "request": {"model": plan.spec.name, "mode": r.mode, "device": r.device, "data_root": str(r.data_root),
                     "run_dir": str(r.run_dir), "nproc_per_node": r.nproc_per_node, "nnodes": r.nnodes,
-                    "node_rank": plan.node_rank, "master_addr": plan.master_addr,
+                    "node_rank": plan.node_rank, "master_addr": plan.master_addr, "launcher": plan.launcher,
                     "master_port": plan.master_port, "config": str(r.config) if r.config else None,
                     "checkpoint": str(r.checkpoint) if r.checkpoint else None, "max_steps": r.max_steps,
                     "extra_args": list(r.extra_args), "batch_per_device": plan.batch_per_device,
-                    "warmup_steps": plan.warmup_steps},
+                    "warmup_steps": plan.warmup_steps, "flow": plan.launch.flow if plan.launch else None},
         "notes": plan.notes,
     }
 
@@ -154,11 +154,13 @@ def finish(plan: Plan, exit_code: int, e2e_s: float, out=None) -> Path:
     """Write results.json + the Ascend-style log from the run folder; print the final lines."""
     from bevkit import provenance
     from bevkit import results as res
+    from bevkit import visualize
     from bevkit.timing import STEPS_FILE, read_steps
 
     r = plan.request
     records = read_steps(r.run_dir / STEPS_FILE)
     metrics = res.read_metrics(r.run_dir)
+    pictures = visualize.after_run(r.run_dir, out=out)  # what the evaluation dumped, drawn (eval runs)
     checkout = plan.cwd if plan.spec.upstream else None
     results = res.build_results(
         records=records, metrics=metrics, model=plan.spec.name, display_name=plan.spec.display_name,
@@ -168,13 +170,16 @@ def finish(plan: Plan, exit_code: int, e2e_s: float, out=None) -> Path:
         versions=provenance.collect_versions(plan.env),
         upstream=provenance.upstream_info(plan.spec.upstream_name, checkout),
         extra={"max_steps": r.max_steps, "run_dir": str(r.run_dir),
+               "flow": plan.launch.flow if plan.launch else None, "config": str(r.config) if r.config else None,
+               "checkpoint": str(r.checkpoint) if r.checkpoint else None,
                "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "host": socket.gethostname(), "arch": platform.machine(),
                "files": {"log": LOG_FILE, "launch": LAUNCH_FILE, "steps": STEPS_FILE if records else None,
-                         "metrics": res.METRICS_FILE if metrics else None}})
+                         "metrics": res.METRICS_FILE if metrics else None,
+                         "pictures": [str(p.relative_to(r.run_dir)) for p in pictures] or None}})
     path, _log, printed = res.write_results(r.run_dir, results)
     out = out or sys.stdout
-    if exit_code == 0 and r.mode in ("full", "performance", "smoke") and not records and plan.node_rank == 0:
+    if exit_code == 0 and r.mode in ("full", "performance", "smoke", "demo") and not records and plan.node_rank == 0:
         out.flush()
         log.get().warning(f"no step records in {r.run_dir / STEPS_FILE}: the entry point did not use "
                           "bevkit.timing, so no step time or FPS could be measured")

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 from bevkit import REPO_ROOT
 from bevkit.device import DEVICES, RunDevice, detect_profile
-from bevkit.launch import environment
+from bevkit.launch import environment, slurm
 from bevkit.launch.request import (DEFAULT_NPROC, DEFAULT_PERFORMANCE_STEPS, MULTINODE_DEFAULT_PORT, LaunchError,
                                    Request, _abs)
 from bevkit.registry import MODELS, LaunchRequest, ModelSpec, get_spec
@@ -54,6 +54,7 @@ class Plan:
     master_port: int
     batch_per_device: int
     launch: Optional[Request] = None    # what was asked for (the smoke flow derives its evaluation from it)
+    launcher: str = "local"             # how the cluster shape was found: local (options, environment) or slurm
     warmup_steps: Optional[int] = None
     cann_set_env: Optional[Path] = None
     env_files: List[str] = field(default_factory=list)
@@ -103,6 +104,23 @@ def _int_env(environ: Mapping[str, str], name: str) -> Optional[int]:
         raise LaunchError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+def _first(*values):
+    """The first value that is not None."""
+    return next((v for v in values if v is not None), None)
+
+
+def _slurm_shape(request: Request, environ: Mapping[str, str]) -> Optional[slurm.SlurmCluster]:
+    """The Slurm step's cluster shape with --launcher slurm, or by default inside a Slurm job task."""
+    chosen = request.launcher
+    if chosen == "local" or (chosen is None and not slurm.detected(environ)):
+        return None
+    try:
+        return slurm.cluster(environ)
+    except slurm.SlurmError as e:
+        raise LaunchError(str(e) + ("" if chosen else " (a Slurm job was detected; --launcher local ignores it)")) \
+            from None
+
+
 def _timestamp(now: Optional[datetime] = None) -> str:
     return (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
 
@@ -146,19 +164,22 @@ def plan(request: Request, machine: Machine, spec: Optional[ModelSpec] = None,
             raise LaunchError(message)
         warnings.append(message)
 
-    # --- cluster shape: options, then the environment (OpenMMLab style), then the defaults
+    # --- cluster shape: options, then Slurm (an srun step) or the environment (OpenMMLab style), then defaults
     environ = machine.environ
+    shape = _slurm_shape(request, environ)
+    if shape is not None:
+        notes.extend(shape.notes)
     nproc = request.nproc if request.nproc is not None else DEFAULT_NPROC
-    nnodes = request.nnodes if request.nnodes is not None else (_int_env(environ, "NNODES") or 1)
-    node_rank = request.node_rank if request.node_rank is not None else (_int_env(environ, "NODE_RANK") or 0)
+    nnodes = _first(request.nnodes, shape and shape.nnodes, _int_env(environ, "NNODES"), 1)
+    node_rank = _first(request.node_rank, shape and shape.node_rank, _int_env(environ, "NODE_RANK"), 0)
     if nproc < 1:
         raise LaunchError(f"--nproc must be >= 1, got {nproc}")
     if nnodes < 1:
         raise LaunchError(f"--nnodes must be >= 1, got {nnodes}")
     if not 0 <= node_rank < nnodes:
         raise LaunchError(f"--node-rank must be in [0, {nnodes - 1}] for --nnodes {nnodes}, got {node_rank}")
-    master_addr = request.master_addr or environ.get("MASTER_ADDR") or None
-    port = request.master_port if request.master_port is not None else _int_env(environ, "MASTER_PORT")
+    master_addr = request.master_addr or (shape and shape.master_addr) or environ.get("MASTER_ADDR") or None
+    port = _first(request.master_port, shape and shape.master_port, _int_env(environ, "MASTER_PORT"))
     if nnodes > 1:
         if not master_addr:
             raise LaunchError(f"--nnodes {nnodes} needs --master-addr (or MASTER_ADDR): the address of node 0, "
@@ -253,5 +274,6 @@ def plan(request: Request, machine: Machine, spec: Optional[ModelSpec] = None,
                     f"({backend.dist_backend}), batch {batch}/device, global batch {batch * nproc * nnodes}")
     return Plan(spec=spec, request=launch_request, argv=argv, env=env.env, env_set=env.env_set,
                 env_unset=env.env_unset, cwd=cwd, work_dir=work_dir, node_rank=node_rank, master_addr=master_addr,
-                master_port=port, batch_per_device=batch, launch=request, warmup_steps=warmup,
+                master_port=port, batch_per_device=batch, launch=request, launcher="slurm" if shape else "local",
+                warmup_steps=warmup,
                 cann_set_env=env.cann_set_env, env_files=env.env_files, notes=notes, warnings=warnings)

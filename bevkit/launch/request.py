@@ -16,6 +16,8 @@ DEFAULT_NPROC = 8
 DEFAULT_PERFORMANCE_STEPS = 600
 #: multi-node runs need one port known to every node; torchrun's conventional default
 MULTINODE_DEFAULT_PORT = 29500
+#: how the cluster shape is found: options / environment, or the SLURM_* variables (bevkit.launch.slurm)
+LAUNCHERS = ("local", "slurm")
 
 
 class LaunchError(Exception):
@@ -43,6 +45,8 @@ class Request:
     checkpoint: Optional[Path] = None
     max_steps: Optional[int] = None       # None: performance runs get the model's step count
     warmup_steps: Optional[int] = None    # None: the first 10% of the steps
+    launcher: Optional[str] = None        # None: 'slurm' inside a Slurm job task, else 'local'
+    flow: Optional[str] = None            # the flow this launch is a step of ('smoke', 'demo'; recorded in results)
     data_check: bool = True
     dry_run: bool = False
     extra: Tuple[str, ...] = ()           # after '--': the upstream entry point's arguments
@@ -54,8 +58,8 @@ class Request:
             device=args.device, nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
             master_addr=args.master_addr, master_port=args.master_port, work_dir=_abs(args.work_dir),
             config=_abs(args.config), checkpoint=_abs(args.checkpoint), max_steps=args.max_steps,
-            warmup_steps=args.warmup_steps, data_check=not args.no_data_check, dry_run=bool(args.dry_run),
-            extra=tuple(extra))
+            warmup_steps=args.warmup_steps, launcher=args.launcher, data_check=not args.no_data_check,
+            dry_run=bool(args.dry_run), extra=tuple(extra))
 
 
 def _abs(path: Optional[Path]) -> Optional[Path]:
@@ -73,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", required=True, choices=MODES,
                    help="full: train + evaluate; performance: train --max-steps steps (default: the model's, "
                         f"{DEFAULT_PERFORMANCE_STEPS} unless it says) for speed; eval: evaluate --checkpoint; "
-                        "smoke: tiny run")
+                        "smoke: tiny run on synthetic data; demo: a run that learns the synthetic data, then "
+                        "the demo's accuracy gate")
     p.add_argument("--data-root", type=Path,
                    help="nuScenes-format data root (default: $BEVKIT_DATA_ROOT or <repo>/data/nuscenes)")
     p.add_argument("--nproc", type=int, default=None,
@@ -86,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master-port", type=int, default=None,
                    help="rendezvous port (default $MASTER_PORT; a free port on one node, "
                         f"{MULTINODE_DEFAULT_PORT} with several nodes - the same on every node)")
+    p.add_argument("--launcher", choices=LAUNCHERS, default=None,
+                   help="slurm: nodes, node rank and master address from the SLURM_* variables of an srun step "
+                        "(one task per node); local: from the options / environment. Default: slurm when "
+                        "SLURM_JOB_ID and SLURM_PROCID or SLURM_NODEID are set, else local")
     p.add_argument("--device", choices=DEVICES, default=None,
                    help="device type (default: detected without torch: npu-smi/CANN -> npu, "
                         "nvidia-smi -> cuda, else cpu; BEVKIT_PROFILE overrides)")

@@ -19,6 +19,7 @@ from torch.overrides import TorchFunctionMode
 
 from bevkit import checkpoints, env, log
 from bevkit.device import device_type, run_device
+from bevkit.models.bevdepth.pictures import dump_on_eval_step
 from bevkit.models.bevdepth.results import record_on_evaluate
 from bevkit.patching import PatchSet, RuntimePatch
 
@@ -373,6 +374,10 @@ PATCHES = PatchSet("bevdepth", [
     RuntimePatch(
         "evaluator_metrics", f"{EVALUATOR}:DetNuscEvaluator._evaluate_single", record_on_evaluate,
         why="upstream drops the metrics it computes; write mAP, NDS and TP errors to metrics.json"),
+    RuntimePatch(
+        "prediction_samples", f"{EXP}:BEVDepthLightningModel.eval_step", dump_on_eval_step,
+        why="dump the boxes the evaluator receives and the key frame's predicted depth for a few samples to "
+            "$BEVKIT_RUN_DIR/predictions/ for the pictures (bevkit.visualize)", check=_is_function),
     RuntimePatch(
         "depth_gt_precomputed", f"{DATASET}:NuscDetDataset.get_lidar_depth", _get_lidar_depth,
         why="read depth_gt/<image>.bin made offline by 'python -m bevkit.data.depth_gt' instead of "

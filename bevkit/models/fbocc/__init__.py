@@ -30,11 +30,14 @@ CONFIGS = {
     "performance": "fbocc/configs/fbocc_r50_8p_performance.py",
     "eval": "fbocc/configs/fbocc_r50_8p.py",
     "smoke": "fbocc/configs/fbocc_tiny_smoke.py",
+    "demo": "fbocc/configs/fbocc_tiny_smoke.py",  # until the demo config lands: fbocc/configs/fbocc_tiny_demo.py
 }
 
-#: Batch per device of the kit's configs in each mode (the tiny smoke config trains with 1; tools/test.py
-#: always evaluates with 1 per device).
-SAMPLES_PER_DEVICE = {"full": 4, "performance": 4, "eval": 1, "smoke": 1}
+#: Batch per device of the kit's configs (the tiny smoke config trains with 1); any other config is read.
+#: tools/test.py always evaluates with 1 per device.
+CONFIG_SAMPLES_PER_DEVICE = {"fbocc/configs/fbocc_r50_8p.py": 4, "fbocc/configs/fbocc_r50_8p_performance.py": 4,
+                             "fbocc/configs/fbocc_tiny_smoke.py": 1}
+EVAL_SAMPLES_PER_DEVICE = 1
 
 #: The depth-pretrained weights the reference recipe starts from (``load_from``); no published checksum: its
 #: sha256 is recorded in the checkpoint folder's SHA256SUMS when first verified.
@@ -80,15 +83,20 @@ def build_entry(request: LaunchRequest) -> List[str]:
 
 def samples_per_device_for(request: LaunchRequest) -> int:
     """What the entry point will use: tools/test.py evaluates 1 sample per device; training uses the config's
-    ``data.samples_per_gpu`` (the kit's configs: :data:`SAMPLES_PER_DEVICE`; another config is loaded)."""
-    default = SAMPLES_PER_DEVICE[request.mode]
-    if request.mode == "eval" or request.config is None:
-        return default
-    config = Path(request.config)
-    if config == REPO_ROOT / CONFIGS[request.mode] or not config.is_file():
-        return default
+    ``data.samples_per_gpu`` (the kit's configs: :data:`CONFIG_SAMPLES_PER_DEVICE`; another config is read)."""
+    if request.mode == "eval":
+        return EVAL_SAMPLES_PER_DEVICE
+    config = config_for(request)
+    try:
+        known = CONFIG_SAMPLES_PER_DEVICE.get(config.resolve().relative_to(REPO_ROOT).as_posix())
+    except ValueError:  # outside the repository
+        known = None
+    if known is not None:
+        return known
+    if not config.is_file():  # refused by the plan (a dry run shows it): the reference batch meanwhile
+        return CONFIG_SAMPLES_PER_DEVICE[CONFIGS["full"]]
     found = _samples_per_gpu(config)
-    return found if found is not None else default
+    return found if found is not None else CONFIG_SAMPLES_PER_DEVICE[CONFIGS["full"]]
 
 
 def _samples_per_gpu(config: Path) -> Optional[int]:
@@ -104,7 +112,7 @@ SPEC = ModelSpec(
     name="fbocc",
     display_name="FBOCC",
     upstream=UPSTREAM,
-    samples_per_device=SAMPLES_PER_DEVICE["full"],
+    samples_per_device=CONFIG_SAMPLES_PER_DEVICE[CONFIGS["full"]],
     build_entry=build_entry,
     configs=dict(CONFIGS),
     samples_per_device_for=samples_per_device_for,
@@ -114,5 +122,6 @@ SPEC = ModelSpec(
     data_checks="bevkit.models.fbocc.data_check",
     metrics={"miou": ("mIoU", 1.0)},  # Occ3D mIoU in % (upstream's 'Overall')
     references="fbocc/reference.json",
+    pictures="bevkit.models.fbocc.pictures",
     checkpoints=((RESNET50, "model.img_backbone.pretrained"), (DEPTH_PRETRAIN, "load_from")),
 )

@@ -8,7 +8,8 @@ devices it applies to; the code lives by concern:
 - :mod:`.losses`: the occupancy losses (focal loss, NaN/Inf cleaning, which is exact and applies everywhere);
 - :mod:`.npu`: rank <= 6 matmul rewrites and the Conv3d shortcut rewrite, NPU only (needed there; on CPU/CUDA
   the upstream code is already right and the rewrite measured no faster, see fbocc/README.md);
-- :func:`bevkit.models.fbocc.results.record_on_evaluate`: the mIoU into metrics.json.
+- :func:`bevkit.models.fbocc.results.record_on_evaluate`: the mIoU into metrics.json;
+- :func:`bevkit.models.fbocc.pictures.dump_on_evaluate_occupancy`: a few evaluated samples for the pictures.
 
 The replacements are written from the documented maths (the upstream op contracts), not copied; float64
 parity tests (test/fbocc_checks.py) compare each one with the upstream formulation. The config finalization is
@@ -22,6 +23,7 @@ from bevkit.models.fbocc.patches.device import (_autocast_for_device, _build_mod
 from bevkit.models.fbocc.patches.losses import _focal_forward, _focal_init, _loss_voxel
 from bevkit.models.fbocc.patches.npu import _cam2ego_coor, _conv1x1x1, _lidar_coor, _point_sampling
 from bevkit.models.fbocc.patches.ops import _bev_pool, _da_msda_forward, _functional_with_ops, _msda_pytorch
+from bevkit.models.fbocc.pictures import dump_on_evaluate_occupancy
 from bevkit.models.fbocc.results import record_on_evaluate
 from bevkit.patching import PatchSet, RuntimePatch
 
@@ -121,4 +123,8 @@ PATCHES = PatchSet("fbocc", [
     RuntimePatch("fbocc-metrics-json", "mmdet3d.datasets.nuscenes_dataset:NuScenesDataset.evaluate",
                  record_on_evaluate,
                  why="Write the occupancy mIoU and per-class IoU to $BEVKIT_RUN_DIR/metrics.json."),
+    RuntimePatch("fbocc-prediction-samples", "mmdet3d.datasets.nuscenes_dataset:NuScenesDataset.evaluate_occupancy",
+                 dump_on_evaluate_occupancy,
+                 why="Dump what the evaluator scores for a few samples (prediction, ground truth, camera mask, "
+                     "camera projections) to $BEVKIT_RUN_DIR/predictions/ for the pictures (bevkit.visualize)."),
 ])
