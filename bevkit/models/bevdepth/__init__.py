@@ -32,10 +32,12 @@ BATCH_PER_DEVICE = 8
 SMOKE_BATCH_PER_DEVICE = 2
 EPOCHS = 24
 SMOKE_EPOCHS = 12
-#: the demo (tools/launch --mode demo): until its experiment lands, the smoke one (bev_depth_tiny_demo.py then);
-#: epochs None leaves them to the experiment (run_cli's extra_trainer_config_args={'epochs': N})
-DEMO_EXP = SMOKE_EXP
-DEMO_EPOCHS: Optional[int] = SMOKE_EPOCHS
+#: the demo (tools/launch --mode demo); epochs None leaves them to the experiment (run_cli's
+#: extra_trainer_config_args={'epochs': N}), where its LR milestones are derived from them
+DEMO_EXP = "bevdepth/configs/bev_depth_tiny_demo.py"
+DEMO_EPOCHS: Optional[int] = None
+#: the demo's synthetic world: twice the default train scenes (more variety for the val scenes to be like)
+DEMO_DATA = ("--train-scenes", "12")
 DEMO_BATCH_PER_DEVICE = SMOKE_BATCH_PER_DEVICE
 #: modes that train, evaluate the final weights and stop (no separate evaluation launch)
 SELF_EVALUATING = ("smoke", "demo")
@@ -115,6 +117,7 @@ SPEC = ModelSpec(
     metrics={"map": ("mAP", 100.0), "nds": ("NDS", 100.0), "mate": ("mATE", 1.0), "mase": ("mASE", 1.0),
              "maoe": ("mAOE", 1.0), "mave": ("mAVE", 1.0), "maae": ("mAAE", 1.0)},
     references="bevdepth/reference.json",
+    demo_data=DEMO_DATA,
     pictures="bevkit.models.bevdepth.pictures",
     checkpoints=((RESNET50, "img_backbone_conf.init_cfg (torchvision://resnet50)"),),
 )
