@@ -57,3 +57,38 @@ def test_smoke_trains_and_evaluates(bevdepth_checkout, synthetic_root, tmp_path)
     assert len(pngs) == 6 and {p.split("_", 1)[1] for p in pngs} == {"boxes_bev.png", "boxes_cameras.png",
                                                                       "depth.png"}, pngs
     assert (synthetic_root / "depth_gt").is_dir()  # the script prepared the precomputed depth
+
+
+#: The demo's learning on a shortened schedule: the demo experiment, through the demo command, on the smoke data
+#: above (60 train samples) for DEMO_SHORT_EPOCHS epochs (60 steps) instead of 20 epochs of the 120 demo samples.
+DEMO_SHORT_EPOCHS = 4
+DEMO_NDS_FLOOR = 0.06
+DEMO_MAP_FLOOR = 0.01
+
+
+def test_demo_learns_on_a_short_schedule(bevdepth_checkout, synthetic_root, tmp_path):
+    """``bevdepth/test/train_demo.sh -- --max_epochs 4``: the metric rises clearly above an untrained model's.
+
+    Measured on the synthetic val split (20 samples) with the demo experiment, 2 CPU processes: untrained
+    (``--max_epochs 0``) NDS 0.025, mAP 0.002 (car AP 0); after 1 epoch NDS 0.012; after 4 epochs (60 steps)
+    NDS 0.097, mAP 0.024 (barrier AP 0.18, bicycle 0.04). Floors: NDS 0.06 (2.4 x untrained) and mAP 0.01
+    (6 x untrained). Duration: 8 min on the 2-core machine at load ~20 (not measured idle,
+    where the smoke run is 4-5x faster); the data is the smoke test's (module fixture), generated once.
+    The run's demo gate compares it with the full demo's schedule, so it warns and (short of the targets) fails:
+    the test reads the metrics, not the verdict.
+    """
+    env = dict(os.environ, BEVDEPTH_SRC=str(bevdepth_checkout))
+    proc = subprocess.run([str(REPO_ROOT / "bevdepth/test/train_demo.sh"), "--data-root", str(synthetic_root),
+                           "--work-dir", str(tmp_path / "runs"), "--", "--max_epochs", str(DEMO_SHORT_EPOCHS)],
+                          capture_output=True, text=True, env=env, timeout=3600)
+    out = proc.stdout + proc.stderr
+    results_line = [line for line in out.splitlines() if line.startswith("results: ")]
+    assert results_line, out[-5000:]
+    results = json.loads(Path(results_line[-1].split(": ", 1)[1]).read_text())
+    assert results["status"] == "ok" and results["mode"] == "demo", results["status"]
+    assert len(results["per_step"]["loss"]) == DEMO_SHORT_EPOCHS * 15  # 60 samples / global batch 4
+    # the gate judged it: a verdict line, with the schedule warning; its exit status is the flow's
+    assert proc.returncode in (0, 1) and ("WARNING" in out) and any(
+        line.startswith(("PASS: ", "FAIL: ")) for line in out.splitlines()), out[-3000:]
+    metrics = results["metrics"]
+    assert metrics["nds"] > DEMO_NDS_FLOOR and metrics["map"] > DEMO_MAP_FLOOR, metrics
