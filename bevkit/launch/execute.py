@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import List, Mapping, Sequence, Tuple
 
 from bevkit import __version__, log
+from bevkit.launch import worker
 from bevkit.launch.plan import Plan
 from bevkit.launch.request import LaunchError
 from bevkit.registry import MODELS, ModelSpec
@@ -109,12 +110,17 @@ def refuse_bad_data(plan: Plan) -> None:
 def run_tee(argv: Sequence[str], env: Mapping[str, str], cwd: Path, log_path: Path, out=None) -> int:
     """Run argv, streaming its combined output to ``out`` and to log_path; returns the exit code.
 
-    The child gets its own session so that a terminal Ctrl-C reaches it once, through us: SIGINT,
-    SIGTERM and SIGHUP are forwarded, and we keep reading until it has finished its own shutdown.
+    The child gets its own session so that a terminal Ctrl-C reaches it once, through us (torchrun stops
+    its workers on the first SIGINT and must not get a second one mid-shutdown): SIGINT, SIGTERM and SIGHUP
+    are forwarded, and we keep reading until it has finished its own shutdown. If we die without forwarding
+    (SIGKILL, a crash), the child's parent-death signal (:func:`bevkit.launch.worker.preexec_for`) kills it,
+    and torchrun's workers die with torchrun the same way (they start through :mod:`bevkit.launch.worker`):
+    no trainer outlives the launcher.
     """
     out = out if out is not None else sys.stdout.buffer
     proc = subprocess.Popen(list(argv), cwd=str(cwd), env=dict(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=worker.preexec_for(os.getpid()))
 
     def forward(signum, _frame):
         if proc.poll() is None:

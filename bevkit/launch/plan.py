@@ -24,6 +24,10 @@ from bevkit.launch.request import (DEFAULT_NPROC, DEFAULT_PERFORMANCE_STEPS, MUL
 from bevkit.registry import MODELS, LaunchRequest, ModelSpec, get_spec
 
 
+#: every rank runs its entry point through this module (parent-death signal, one-line errors)
+WORKER = "bevkit.launch.worker"
+
+
 @dataclass
 class Machine:
     """The facts of this machine a plan depends on (tests pass their own)."""
@@ -246,7 +250,7 @@ def plan(request: Request, machine: Machine, spec: Optional[ModelSpec] = None,
 
     argv = [sys.executable, "-m", "torch.distributed.run",
             f"--nnodes={nnodes}", f"--nproc_per_node={nproc}", f"--node_rank={node_rank}",
-            f"--master_addr={master_addr}", f"--master_port={port}"] + entry
+            f"--master_addr={master_addr}", f"--master_port={port}", "-m", WORKER] + entry
     cwd = checkout if checkout is not None and checkout.is_dir() else REPO_ROOT
     backend = RunDevice(device, emulated=environ.get("BEVKIT_EMULATE_DEVICE") == device != "cpu")
     notes.insert(0, f"{spec.name} {mode}: {nnodes} node(s) x {nproc} {device} process(es) "

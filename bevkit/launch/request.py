@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from bevkit.device import DEVICES
+from bevkit.errors import UserError
 from bevkit.registry import MODELS, MODES
 
 DEFAULT_NPROC = 8
@@ -18,8 +19,9 @@ DEFAULT_PERFORMANCE_STEPS = 600
 MULTINODE_DEFAULT_PORT = 29500
 
 
-class LaunchError(Exception):
-    """A problem with the user's input or machine, reported as one clear message (exit code 2)."""
+class LaunchError(UserError):
+    """A problem with the user's input or machine, reported as one clear message (exit code 2, unless a
+    :class:`~bevkit.errors.UserError` subclass says otherwise)."""
 
 
 @dataclass(frozen=True)
