@@ -2,6 +2,7 @@
 results.json (:mod:`bevkit.results`) and the final lines. Also the dry-run printout and the data check."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
@@ -14,7 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Mapping, Sequence, Tuple
 
-from bevkit import __version__, log
+from bevkit import REPO_ROOT, __version__, log
+from bevkit.errors import EXIT_CHECKPOINT, CheckpointError, UserError
 from bevkit.launch import worker
 from bevkit.launch.plan import Plan
 from bevkit.launch.request import LaunchError
@@ -65,14 +67,14 @@ def launch_record(plan: Plan, launcher_argv: Sequence[str]) -> dict:
                     "run_dir": str(r.run_dir), "nproc_per_node": r.nproc_per_node, "nnodes": r.nnodes,
                     "node_rank": plan.node_rank, "master_addr": plan.master_addr,
                     "master_port": plan.master_port, "config": str(r.config) if r.config else None,
-                    "checkpoint": str(r.checkpoint) if r.checkpoint else None, "max_steps": r.max_steps,
+                    "checkpoint": str(r.checkpoint) if r.checkpoint else None,
+                    "resume": str(r.resume) if r.resume else None, "max_steps": r.max_steps,
                     "extra_args": list(r.extra_args), "batch_per_device": plan.batch_per_device,
                     "warmup_steps": plan.warmup_steps},
+        "resumed_from": plan.resumed_from.summary() if plan.resumed_from else None,
+        "checkpoint_check": plan.checkpoint_found,
         "notes": plan.notes,
     }
-
-
-# ------------------------------------------------------------------------------------------ checks
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -104,6 +106,35 @@ def refuse_bad_data(plan: Plan) -> None:
         plan.warnings.append(message)
     elif state != "ok":
         plan.notes.append(f"data check skipped: validator {state}")
+
+
+def refuse_bad_checkpoint(plan: Plan) -> None:
+    """The checkpoint the run will load, checked before anything starts (:mod:`bevkit.checkpoint_check`, in a
+    process of its own: it imports torch, the launcher does not). A real launch refuses a problem with its one
+    line (exit code 3); a dry run lists it."""
+    if plan.checked_checkpoint is None:
+        return
+    path, purpose = plan.checked_checkpoint
+    command = [sys.executable, "-m", "bevkit.checkpoint_check", "--model", plan.spec.name, "--purpose", purpose,
+               "--data-root", str(plan.request.data_root), str(path)]
+    try:
+        done = subprocess.run(command, env=dict(plan.env), cwd=str(REPO_ROOT), capture_output=True, text=True,
+                              timeout=900)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise LaunchError(f"could not run the checkpoint check ({' '.join(command)}): {e}") from e
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    if done.returncode == 0:
+        plan.checkpoint_found = json.loads(done.stdout.strip().splitlines()[-1])
+        return
+    if done.returncode == EXIT_CHECKPOINT and lines and lines[-1].startswith("error: "):
+        problem: UserError = CheckpointError(lines[-1][len("error: "):])
+    else:
+        problem = LaunchError(f"the checkpoint check of {path} failed (exit {done.returncode}): "
+                              + (lines[-1] if lines else "no output") + f" [{' '.join(command)}]")
+    if plan.launch is not None and plan.launch.dry_run:
+        plan.warnings.append(str(problem))
+    else:
+        raise problem
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -174,6 +205,7 @@ def finish(plan: Plan, exit_code: int, e2e_s: float, out=None) -> Path:
         versions=provenance.collect_versions(plan.env),
         upstream=provenance.upstream_info(plan.spec.upstream_name, checkout),
         extra={"max_steps": r.max_steps, "run_dir": str(r.run_dir),
+               "resumed_from": plan.resumed_from.summary() if plan.resumed_from else None,
                "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "host": socket.gethostname(), "arch": platform.machine(),
                "files": {"log": LOG_FILE, "launch": LAUNCH_FILE, "steps": STEPS_FILE if records else None,
