@@ -179,7 +179,10 @@ def check(spec: ModelSpec, path: Path, purpose: str, data_root: Optional[str] = 
                 and tops <= set(fmt.modules) | set(fmt.optional_modules):
             raise CheckpointError(f"{head} {path} is an incomplete {fmt.title} {WHAT[found.framework]}: it has no "
                                   f"{', '.join(missing)} weights; use a checkpoint written by a {fmt.title} training")
-        raise CheckpointError(f"{head} {path} is {describe(found, other)}, not {describe_title(fmt)} one")
+        fix = f"it belongs to --model {other.name}" if other is not None else "it is no kit model's"
+        raise CheckpointError(f"{head} {path} is {describe(found, other)}, not {describe_title(fmt)} one ({fix}; "
+                              f"pass an {fmt.files})" if fmt.files else
+                              f"{head} {path} is {describe(found, other)}, not {describe_title(fmt)} one ({fix})")
     if purpose == "resume" and (found.framework != fmt.framework or not found.resumable):
         raise CheckpointError(f"{head} {path} is {describe(found, spec)} without the training state (optimizer, "
                               f"counters) a resume needs; use a run folder's {fmt.framework} checkpoint, or "

@@ -81,6 +81,7 @@ class CheckpointFormat:
     allow_unexpected: Tuple[str, ...] = ()
     #: run folder -> its newest resumable checkpoint (None: it wrote none)
     latest: Optional[Callable[[Path], Optional[Path]]] = None
+    files: str = ""                # what its checkpoints are called, for messages ('iter_N.pth of an FB-OCC run')
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,8 @@ def test_another_models_checkpoint_is_named_for_what_it_is(tmp_path):
     with pytest.raises(CheckpointError) as e:
         cc.check(FBOCC, bevdepth, "eval")
     assert str(e.value) == (f"fbocc eval: {bevdepth} is a BEVDepth Lightning checkpoint (epoch 6, step 7), "
-                            "not an FB-OCC one")
+                            "not an FB-OCC one (it belongs to --model bevdepth; pass an iter_N.pth (or latest.pth) "
+                            "of an FB-OCC run folder)")
     fbocc = write_fbocc(tmp_path / "iter_12.pth")
     with pytest.raises(CheckpointError, match=r"is an FB-OCC mmcv checkpoint \(epoch 1, step 12\), not a BEVDepth"):
         cc.check(BEVDEPTH, fbocc, "init")

@@ -17,7 +17,6 @@ from typing import List, Mapping, Sequence, Tuple
 
 from bevkit import REPO_ROOT, __version__, log
 from bevkit.errors import EXIT_CHECKPOINT, CheckpointError, UserError
-from bevkit.launch import worker
 from bevkit.launch.plan import Plan
 from bevkit.launch.request import LaunchError
 from bevkit.registry import MODELS, ModelSpec
@@ -148,6 +147,8 @@ def run_tee(argv: Sequence[str], env: Mapping[str, str], cwd: Path, log_path: Pa
     and torchrun's workers die with torchrun the same way (they start through :mod:`bevkit.launch.worker`):
     no trainer outlives the launcher.
     """
+    from bevkit.launch import worker  # not at import time: `-m bevkit.launch.worker` imports this package first
+
     out = out if out is not None else sys.stdout.buffer
     proc = subprocess.Popen(list(argv), cwd=str(cwd), env=dict(env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True,

@@ -69,7 +69,8 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
 #: What BEVDepth checkpoints look like (bevkit.checkpoint_check): Lightning's, the model under ``model.``.
 CHECKPOINT_FORMAT = CheckpointFormat(
     title="BEVDepth", framework="lightning", modules=("backbone", "head"), key_prefix="model.",
-    allow_missing=("*.num_batches_tracked",), latest=latest_checkpoint)
+    allow_missing=("*.num_batches_tracked",), latest=latest_checkpoint,
+    files="epoch=E-step=S.ckpt of a BEVDepth run folder (lightning_logs/version_0/checkpoints/)")
 
 
 def latest_full_checkpoint(work_dir: Optional[Path] = None) -> Path:

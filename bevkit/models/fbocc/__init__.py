@@ -66,7 +66,7 @@ CHECKPOINT_FORMAT = CheckpointFormat(
     # the focal loss's radial weight map: a constant of the grid, not learned; kit versions before issue 14
     # saved it as a buffer
     allow_unexpected=("occupancy_head.focal_loss.c",),
-    latest=latest_checkpoint,
+    latest=latest_checkpoint, files="iter_N.pth (or latest.pth) of an FB-OCC run folder",
 )
 
 
