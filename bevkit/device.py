@@ -216,6 +216,7 @@ class RunDevice:
             return None
         import torch
 
+        # torch.cuda / torch.npu (torch_npu.npu.get_rng_state: Ascend op-plugin docs, Random-Number-Generator.md)
         return getattr(torch, self.memory).get_rng_state()
 
     def set_rng_state(self, state) -> None:
