@@ -87,3 +87,12 @@ def test_launcher_dispatches_smoke_mode(monkeypatch):
     monkeypatch.setattr(smoke, "run", lambda request, once: seen.append((request, once)) or 0)
     assert launch.main(["--model", "fbocc", "--mode", "smoke", "--dry-run"]) == 0
     assert seen and seen[0][1] is launch.launch_once
+
+
+def test_a_resumed_smoke_training_is_evaluated_as_a_new_checkpoint(monkeypatch, flow, tmp_path):
+    """--resume belongs to the training launch only: the evaluation afterwards takes the new run's checkpoint."""
+    monkeypatch.setattr(smoke, "load_spec", lambda model, ref: _spec("latest.pth"))
+    assert smoke.run(_request(resume=str(tmp_path / "earlier")), flow["launch_once"]) == 0
+    train, evaluation = flow["launches"]
+    assert train.resume == str(tmp_path / "earlier") and evaluation.resume is None
+    assert evaluation.checkpoint == tmp_path / "run1" / "latest.pth"

@@ -36,7 +36,7 @@ def default_data_root(environ=None) -> Path:
 def evaluation_after(train: Request, run_dir: Path, spec: ModelSpec) -> Request:
     """The evaluation of what the smoke training ``train`` wrote into ``run_dir``."""
     return dataclasses.replace(train, mode="eval", config=REPO_ROOT / spec.configs["smoke"],
-                               checkpoint=run_dir / spec.smoke_eval_checkpoint)
+                               checkpoint=run_dir / spec.smoke_eval_checkpoint, resume=None)
 
 
 def run(request: Request, launch_once: LaunchOnce) -> int:
