@@ -222,3 +222,23 @@ def test_trust_checkpoint_lets_a_trusted_file_through(world, fbbev_checkout):
                            "--work-dir", str(world.work)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "WARNING" not in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
     assert "BEVKIT_TRUST_CHECKPOINT=1" in done.stdout and f"--ckpt_path {ckpt}" in done.stdout
+
+
+def test_an_error_found_inside_the_run_ends_the_launch_with_its_line_and_code(tmp_path):
+    """The key-by-key check runs inside the training processes (it needs the built model): the ranks stop with
+    one 'error:' line (rank 0), which the launcher repeats last, exiting with the checkpoint exit code 3."""
+    toy = str(REPO_ROOT / "test" / "assets" / "toy_spec.py") + ":SPEC"
+    (tmp_path / "data").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BEVKIT_")}
+    env["BEVKIT_PYTHON"] = sys.executable
+    done = subprocess.run(launch("--spec", toy, "--mode", "performance", "--max-steps", "3", "--device", "cpu",
+                                 "--nproc", "2", "--data-root", str(tmp_path / "data"), "--work-dir",
+                                 str(tmp_path / "runs"), "--", "--bad-checkpoint"),
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if "error: " in line]
+    assert len(errors) == 2 and errors[0] == errors[1]  # rank 0's line (not one per rank), repeated last
+    assert done.stderr.strip().splitlines()[-1] == "error: toy.pth does not fit the Toy model of the config: keys " \
+        "1 missing (e.g. w); pass the config it was trained with (--config)"
+    results = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
+    assert results["exit_code"] == 3 and results["status"] == "failed"

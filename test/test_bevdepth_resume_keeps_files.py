@@ -59,7 +59,7 @@ def test_resume_from_another_run_keeps_its_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setenv("BEVKIT_DEVICE", "cpu")
     first = _fit(tmp_path / "first", "--max_epochs", "1")
     old = next((tmp_path / "first").rglob("*.ckpt"))
-    ckpt = torch.load(old, weights_only=True)
+    ckpt = torch.load(old, weights_only=False)  # our own file (torch 2.1 refuses its Counter with weights_only)
     assert ckpt["callbacks"]["BevkitResumeState"]["model"] == "bevdepth"
     before = _tree(tmp_path / "first")
 

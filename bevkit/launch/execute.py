@@ -243,5 +243,22 @@ def execute(plan: Plan, launcher_argv: Sequence[str]) -> int:
     except OSError as e:
         print(f"error: could not start {plan.argv[0]}: {e}", file=sys.stderr)
         rc = 127
+    problem = user_error_of(plan) if rc != 0 else None
+    if problem is not None:  # bad input found inside the run (bevkit.launch.worker): its code, its line last
+        rc = problem.get("exit_code") or rc
     finish(plan, rc, time.monotonic() - start)
+    if problem is not None:
+        sys.stdout.flush()
+        print(f"error: {problem.get('message')}", file=sys.stderr, flush=True)
     return rc
+
+
+def user_error_of(plan: Plan):
+    """The one-line input error a training process reported (``error.json`` in the run folder), if any."""
+    from bevkit.launch.worker import ERROR_FILE
+
+    try:
+        found = json.loads((plan.request.run_dir / ERROR_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) and found.get("message") else None

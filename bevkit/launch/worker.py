@@ -9,7 +9,8 @@ Two things no entry point should have to repeat:
   (:func:`die_with_parent` as its ``preexec_fn``), so a SIGKILL to the launcher stops the whole tree.
 - **One line for bad input.** A :class:`bevkit.errors.UserError` raised in the entry point (e.g. a checkpoint
   that does not match the model) is printed once as ``error: ...`` (global rank 0) and the process exits with
-  the error's code, instead of a traceback per rank.
+  the error's code, instead of a traceback per rank; rank 0 also leaves it in ``$BEVKIT_RUN_DIR/error.json``,
+  so the launcher repeats the line last and exits with that code.
 
 Then the script runs as ``python SCRIPT ARGS`` would run it (``__main__``, ``sys.argv``, its folder first on
 ``sys.path``).
@@ -75,8 +76,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)
+            _record(e)
         return e.exit_code
     return 0
+
+
+ERROR_FILE = "error.json"
+
+
+def _record(error) -> None:
+    """Tell the launcher (through the run folder) which one-line error ended the run and its exit code."""
+    import json
+
+    run_dir = os.environ.get("BEVKIT_RUN_DIR")
+    if run_dir and os.path.isdir(run_dir):
+        with open(os.path.join(run_dir, ERROR_FILE), "w", encoding="utf-8") as f:
+            json.dump({"message": str(error), "exit_code": error.exit_code}, f)
 
 
 if __name__ == "__main__":
