@@ -135,6 +135,18 @@ def test_fbocc_resume_after_sigkill(fbbev_checkout, data_root, tmp_path):
     assert _optimizer_steps(ckpt["optimizer"]) == {4}  # AdamW counted all 4 steps: its state came back
     assert kit["ema"]["updates"] == 3  # EMA of iterations 1-3 (iteration 4's runs after the checkpoint hook)
 
+    # The same (complete, FB-OCC) checkpoint evaluated with the R50 config: the key-by-key check in
+    # tools/test.py refuses it before any batch (mmcv alone would load it with strict=False and evaluate).
+    before = _tree(second)
+    done = subprocess.run([str(REPO_ROOT / "fbocc/test/eval.sh"), str(second / "iter_4.pth"), "--config",
+                           str(REPO_ROOT / "fbocc/configs/fbocc_r50_8p.py")] + command[5:],
+                          env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 3, done.stdout[-3000:] + done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {second / 'iter_4.pth'} does not fit the FB-OCC model of the config: keys ")
+    assert "of another shape" in last and "--config" in last
+    assert _tree(second) == before
+
 
 def test_bevdepth_resume_after_sigkill(bevdepth_checkout, data_root, tmp_path):
     torch = pytest.importorskip("torch")
