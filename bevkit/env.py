@@ -35,6 +35,12 @@ VARIABLES: Tuple[Var, ...] = (
     Var("BEVKIT_SAMPLES_PER_DEVICE", "launcher", "-", "batch per device, for the samples of each step record"),
     Var("BEVKIT_MAX_STEPS", "launcher", "- (performance runs: the model's step count)",
         "stop training after this many optimizer steps"),
+    Var("BEVKIT_CHECKPOINT", "launcher", "-",
+        "the checkpoint the launcher checked (--checkpoint, or the --resume run's): compared key by key with the "
+        "built model before it is used"),
+    Var("BEVKIT_TRUST_CHECKPOINT", "launcher / user", "-",
+        "1: load checkpoints that need full unpickling from anywhere (--trust-checkpoint); else only from run "
+        "folders, BEVKIT_CKPT_DIR and DATA_ROOT/ckpts"),
     Var("BEVKIT_WARMUP_STEPS", "user", "first 10% of the steps",
         "steps left out of the step-time statistics (also --warmup-steps)"),
     # --- launcher settings

@@ -315,6 +315,19 @@ def _is_function(original: Any) -> bool:
     return callable(original)
 
 
+def _lightning_load(original):
+    """Lightning's checkpoint IO (fit/test ``ckpt_path``) through the kit's weights_only loader."""
+    from bevkit.torch_load import load
+
+    def pl_load(path_or_url, map_location=None):
+        if isinstance(path_or_url, (str, Path)) and not str(path_or_url).startswith(("http://", "https://")):
+            return load(path_or_url, map_location=map_location)
+        return original(path_or_url, map_location=map_location)
+
+    pl_load.__bevkit_original__ = original
+    return pl_load
+
+
 def _kit_run_cli(original):
     from .cli import run_cli
 
@@ -382,6 +395,11 @@ PATCHES = PatchSet("bevdepth", [
         "depth_gt_precomputed", f"{DATASET}:NuscDetDataset.get_lidar_depth", _get_lidar_depth,
         why="read depth_gt/<image>.bin made offline by 'python -m bevkit.data.depth_gt' instead of "
             "projecting lidar in the data loader (BEVKIT_DEPTH_GT=auto|precomputed|online)"),
+    RuntimePatch(
+        "lightning_checkpoint_weights_only", "lightning_fabric.plugins.io.torch_io:pl_load", _lightning_load,
+        why="Lightning 1.9 reads --ckpt_path with a bare torch.load (torch 2.1's default weights_only=False: a file "
+            "could run code): through bevkit.torch_load (weights_only first; full unpickling only in trusted "
+            "places)"),
     RuntimePatch(
         "pretrained_offline", f"{LSS}:BaseLSSFPN.__init__", _lss_init,
         why="torchvision://resnet50 downloads at build time; use a verified local file "

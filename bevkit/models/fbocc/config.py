@@ -198,9 +198,12 @@ def propagate_shared(cfg) -> List[str]:
 
 
 def add_timing_hook(cfg) -> None:
+    """The kit's hooks: step timing (bevkit.timing.mmcv_hook) and the resume state (bevkit.models.fbocc.resume;
+    VERY_LOW: after the EMA hook has built its model)."""
     hooks = list(cfg.get("custom_hooks") or [])
-    if not any(h.get("type") == "BevkitTimingHook" for h in hooks):
-        hooks.append(dict(type="BevkitTimingHook", priority="NORMAL"))
+    for kind, priority in (("BevkitTimingHook", "NORMAL"), ("BevkitResumeHook", "VERY_LOW")):
+        if not any(h.get("type") == kind for h in hooks):
+            hooks.append(dict(type=kind, priority=priority))
     cfg.custom_hooks = hooks
 
 

@@ -6,6 +6,8 @@ devices it applies to; the code lives by concern:
 - :mod:`.device`: device portability (placement, DDP wrappers, process group, 'cuda' tensors, autocast, SyncBN);
 - :mod:`.ops`: operators through bevkit.ops;
 - :mod:`.losses`: the occupancy losses (focal loss, NaN/Inf cleaning, which is exact and applies everywhere);
+- :mod:`.checkpoints`: resume with the full training state, the checked checkpoint compared with the built model,
+  FB-BEV's own checkpoint load through the kit's weights_only loader;
 - :mod:`.npu`: rank <= 6 matmul rewrites and the Conv3d shortcut rewrite, NPU only (needed there; on CPU/CUDA
   the upstream code is already right and the rewrite measured no faster, see fbocc/README.md);
 - :func:`bevkit.models.fbocc.results.record_on_evaluate`: the mIoU into metrics.json;
@@ -17,6 +19,7 @@ not a patch: it is a visible line in tools/train.py and tools/test.py (:func:`be
 """
 from __future__ import annotations
 
+from bevkit.models.fbocc.patches.checkpoints import _checked_load, _resume, _torch_safe_load
 from bevkit.models.fbocc.patches.device import (_autocast_for_device, _build_model, _current_device, _ddp_factory,
                                                 _dp_factory, _init_dist_pytorch, _module_cuda,
                                                 _torch_with_run_device, _with_device)
@@ -119,6 +122,19 @@ PATCHES = PatchSet("fbocc", [
     RuntimePatch("fbocc-occ-loss-nan", f"{FB}.heads.occupancy_head:OccHead.loss_voxel", _loss_voxel,
                  why="Clear NaN/Inf logits with nan_to_num (exact, no host sync); the NPU port's multiply-by-"
                      "mask kept NaN."),
+    # --- checkpoints -----------------------------------------------------------------------------
+    RuntimePatch("fbocc-resume", "mmcv.runner:IterBasedRunner.resume", _resume,
+                 why="--resume: mmcv maps the checkpoint to 'cuda', resumes one iteration short (it records the "
+                     "0-based iteration) and drops the fp16 loss scaler; load on the CPU, count completed "
+                     "iterations, keep the scaler, hand EMA and RNG state to BevkitResumeHook."),
+    RuntimePatch("fbocc-checkpoint-complete", "mmcv.runner:load_checkpoint", _checked_load,
+                 why="tools/test.py loads the evaluated weights with strict=False (a wrong file evaluates random "
+                     "weights): the checkpoint the launcher checked is compared key by key with the model first."),
+    RuntimePatch("fbocc-checkpoint-complete-runner", "mmcv.runner.base_runner:load_checkpoint", _checked_load,
+                 why="The same check for runner.load_checkpoint (load_from: --checkpoint on training; resume)."),
+    RuntimePatch("fbocc-ema-weights-only", "mmdet3d.core.hook.ema:torch", _torch_safe_load,
+                 why="MEGVIIEMAHook(resume=...) reads an EMA file with a bare torch.load: through the kit's "
+                     "weights_only loader (bevkit.torch_load)."),
     # --- results ----------------------------------------------------------------------------------
     RuntimePatch("fbocc-metrics-json", "mmdet3d.datasets.nuscenes_dataset:NuScenesDataset.evaluate",
                  record_on_evaluate,
