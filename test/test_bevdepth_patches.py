@@ -408,29 +408,37 @@ def test_training_loader_workers(bd, monkeypatch):
     assert loader.dataset is upstream.dataset and [len(b) for b in loader] == [4, 4]
 
 
-def _bevdepth_data_without_lidar(root, tmp_path):
-    """A hard-linked copy of the synthetic data with BEVDepth's infos and depth_gt/, then every lidar file
-    removed: any attempt to read one fails."""
+@pytest.fixture(scope="module")
+def bevdepth_data(root, tmp_path_factory):
+    """A hard-linked copy of the synthetic data with BEVDepth's infos and depth_gt/ (the original stays as is)."""
     from bevkit.data.testing import hardlink_copy
     from bevkit.models.bevdepth import prepare
 
-    data = hardlink_copy(root, tmp_path / "nuscenes")
+    data = hardlink_copy(root, tmp_path_factory.mktemp("bevdepth-data") / "nuscenes")
     assert prepare.main([str(data), "--workers", "1"]) == 0
-    lidar = sorted((data / "samples" / "LIDAR_TOP").glob("*.bin")) + sorted((data / "sweeps").glob("LIDAR_TOP/*"))
-    assert lidar
-    for path in lidar:
-        path.unlink()  # the original dataset keeps its own links
     return data
 
 
-def test_precomputed_depth_reads_no_lidar_file(bd, root, tmp_path, monkeypatch):
+def _without_lidar(data, tmp_path):
+    """A copy of ``data`` with every lidar file removed: any attempt to read one fails."""
+    from bevkit.data.testing import hardlink_copy
+
+    copy = hardlink_copy(data, tmp_path / "nuscenes")
+    lidar = sorted((copy / "samples" / "LIDAR_TOP").glob("*.bin")) + sorted((copy / "sweeps").glob("LIDAR_TOP/*"))
+    assert lidar
+    for path in lidar:
+        path.unlink()  # the other copies keep their own links
+    return copy
+
+
+def test_precomputed_depth_reads_no_lidar_file(bd, bevdepth_data, tmp_path, monkeypatch):
     """With depth_gt/ present no lidar file is opened: every LIDAR_TOP file is deleted, and an audit hook records
     every file the data loading opens. Upstream's get_image (the kit before issue 15) fails on this data."""
     import sys as _sys
 
     from bevkit.models.bevdepth import bench_data
 
-    data = _bevdepth_data_without_lidar(root, tmp_path)
+    data = _without_lidar(bevdepth_data, tmp_path)
     opened = []
     recording = [True]
 
@@ -458,6 +466,24 @@ def test_precomputed_depth_reads_no_lidar_file(bd, root, tmp_path, monkeypatch):
     monkeypatch.setenv("BEVKIT_DEPTH_GT", "online")  # online depth needs the lidar: read (and missing here)
     with pytest.raises(FileNotFoundError, match="LIDAR_TOP"):
         dataset[0]
+
+
+def test_loader_benchmark_prints_every_variant(bd, bevdepth_data, capsys):
+    """bench_data in one process: the four loader variants, the draft PSNR and the profile (tiny run)."""
+    from bevkit.models.bevdepth import bench_data
+
+    threads = torch.get_num_threads()
+    try:
+        assert bench_data.main([str(bevdepth_data), "--samples", "1", "--rounds", "1", "--psnr-samples", "1",
+                                "--final-dim", "64x176", "--profile"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    rates = {line.split()[0]: float(line.split()[2]) for line in out.splitlines()
+             if line.split() and line.split()[0] in bench_data.MODES}
+    assert set(rates) == set(bench_data.MODES) and all(r > 0 for r in rates.values()), out
+    assert "PSNR" in out and "over 6 images" in out and "kit CPU time by function" in out
+    assert out.count("load average") == 2
 
 
 def test_jpeg_draft_decodes_at_reduced_scale_with_a_small_pixel_change(bd, root):

@@ -1,10 +1,11 @@
 """Data-loading throughput of BEVDepth's training set: every loader variant side by side, in one process.
 
     python -m bevkit.models.bevdepth.bench_data DATA_ROOT [--samples N] [--rounds R] [--workers W]
-        [--modes online,lidar-read,kit,draft] [--psnr-samples N] [--final-dim 256x704]
+        [--modes online,lidar-read,kit,draft] [--psnr-samples N] [--final-dim 256x704] [--profile]
 
 Builds the reference experiment's training dataset (2 key frames, image and BDA augmentation, depth labels) and
-reports samples/s of ``__getitem__`` (``--workers 0``) or of a DataLoader with W workers, for:
+reports samples/s of ``__getitem__`` (``--workers 0``, one torch thread as in a DataLoader worker) or of a
+DataLoader with W workers, for:
 
 - ``online``: upstream (lidar read and projected into the cameras for every sample);
 - ``lidar-read``: precomputed depth, but every key frame's lidar sweep still read (the kit before issue 15);
@@ -14,6 +15,7 @@ reports samples/s of ``__getitem__`` (``--workers 0``) or of a DataLoader with W
 The modes run interleaved, R rounds of N samples each (median reported), so machine load hits them alike; the
 load average is printed before and after. ``--psnr-samples`` compares the draft-decoded camera images with the
 default ones after the pipeline's resize, crop, flip and rotation (same augmentation draws): PSNR over 8-bit RGB.
+``--profile`` prints where the kit and draft variants spend their CPU time (the next bottleneck).
 """
 from __future__ import annotations
 
@@ -128,6 +130,25 @@ def psnr_draft(dataset, samples: int, seed: int = 0) -> Dict[str, float]:
             "reduced_share": reduced / len(mse)}
 
 
+def profile(dataset, samples: int, mode: str = "kit", top: int = 6) -> List[Tuple[str, float]]:
+    """The functions where ``__getitem__`` spends its own time (cProfile, CPU clock), with their shares."""
+    import cProfile
+    import pstats
+
+    with loader_mode(mode):
+        dataset[0]
+        prof = cProfile.Profile(time.process_time)
+        prof.enable()
+        for i in range(samples):
+            dataset[1 + i % (len(dataset) - 1)]
+        prof.disable()
+    stats = pstats.Stats(prof).stats
+    total = sum(v[2] for v in stats.values())
+    ranked = sorted(((f"{func[2]} ({os.path.basename(func[0])}:{func[1]})" if func[0] != "~" else func[2], v[2])
+                     for func, v in stats.items()), key=lambda kv: -kv[1])
+    return [(name, sec / total) for name, sec in ranked[:top]]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bevkit.models.bevdepth.bench_data",
                                      description=__doc__.split("\n\n")[0],
@@ -139,6 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--psnr-samples", type=int, default=4, help="0: no PSNR of the draft images")
     parser.add_argument("--final-dim", default="256x704")
+    parser.add_argument("--profile", action="store_true", help="where kit and draft loading spend their CPU time")
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     if any(m not in MODES for m in modes):
@@ -148,6 +170,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     activate(device="cpu")
     final_dim = tuple(int(v) for v in args.final_dim.split("x"))
     dataset = build_dataset(os.path.abspath(args.data_root), final_dim)
+    if args.workers == 0:
+        import torch
+
+        torch.set_num_threads(1)  # as in a DataLoader worker process (torch sets 1 thread there)
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}; {os.cpu_count()} CPUs; "
           f"{len(dataset)} train samples; {args.rounds} rounds x {args.samples} samples per mode, "
           f"workers {args.workers}, {final_dim[0]}x{final_dim[1]}")
@@ -173,6 +199,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"draft vs default images after the pipeline's resize: PSNR {p['psnr_db']:.2f} dB mean, "
               f"{p['worst_psnr_db']:.2f} dB worst, over {p['images']} images "
               f"({p['reduced_share']:.0%} decoded at reduced scale)")
+    if args.profile:
+        for mode in ("kit", "draft"):
+            shares = profile(dataset, args.samples, mode)
+            print(f"{mode} CPU time by function: " + ", ".join(f"{name} {share:.0%}" for name, share in shares))
     print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     return 0
 

@@ -5,8 +5,8 @@
 
 Builds the training dataset of ``fbocc/configs/fbocc_r50_8p.py`` on DATA_ROOT (6 cameras resized to 256x704 with
 augmentation, the key frame's lidar projected into them for the depth labels, the Occ3D labels) and reports
-samples/s of ``__getitem__`` (``--workers 0``: per wall second and per CPU second of this process, the one to
-compare on a shared machine) or of a DataLoader with W workers, for:
+samples/s of ``__getitem__`` (``--workers 0``, one torch thread as in a DataLoader worker: per wall second and
+per CPU second of this process, the one to compare on a shared machine) or of a DataLoader with W workers, for:
 
 - ``kit``: the default pipeline (issue 15 changes nothing in FB-OCC's ``__getitem__``: its speed techniques are on
   the device and in the DataLoader's pinned memory);
@@ -126,6 +126,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     fbbev = args.fbbev or upstream.checkout_dir("FB-BEV")
     activate(str(Path(fbbev) / "tools" / "train.py"), device="cpu")
     dataset = build_dataset(os.path.abspath(args.data_root), args.config)
+    if args.workers == 0:
+        import torch
+
+        torch.set_num_threads(1)  # as in a DataLoader worker process (torch sets 1 thread there)
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}; {os.cpu_count()} CPUs; "
           f"{len(dataset)} train samples; {args.rounds} rounds x {args.samples} samples per mode, "
           f"workers {args.workers}")
