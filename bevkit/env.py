@@ -62,7 +62,14 @@ VARIABLES: Tuple[Var, ...] = (
         "comma-separated runtime patch names to leave out (A/B measurements; both models)"),
     Var("BEVKIT_EMULATE_DEVICE", "user (tests)", "-",
         "treat CPU tensors as this device type (tests with the fake torch_npu / mx_driving)"),
-    Var("BEVKIT_WORKERS", "user", "the config's", "FB-OCC dataloader workers per process"),
+    Var("BEVKIT_NPU_OP_LIMITS", "user", "documented",
+        "mx_driving limits the NPU ops keep: documented (split/pad to DrivingSDK's documented limits) or port "
+        "(one call, no padding, as the DrivingSDK ports; compare with tools/npu_ab)"),
+    Var("BEVKIT_WORKERS", "user", "FB-OCC: the config's; BEVDepth training: 8 on NPU/CUDA, upstream's 4 on CPU",
+        "dataloader workers per process"),
+    Var("BEVKIT_JPEG_DRAFT", "user", "-",
+        "1: camera JPEGs decoded at the reduced DCT scale the resize needs (PIL draft mode; both models; faster, "
+        "changes the input pixels slightly, see bevdepth/README.md)"),
     Var("BEVKIT_CKPT_DIR", "user", "-",
         "pretrained checkpoints folder, searched first (then DATA_ROOT/ckpts, then the torch hub cache)"),
     Var("BEVKIT_PRETRAINED", "user", "-", "'none': BEVDepth trains its image backbone from scratch"),

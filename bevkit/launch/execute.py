@@ -190,7 +190,7 @@ def run_tee(argv: Sequence[str], env: Mapping[str, str], cwd: Path, log_path: Pa
 
 def finish(plan: Plan, exit_code: int, e2e_s: float, out=None) -> Path:
     """Write results.json + the Ascend-style log from the run folder; print the final lines."""
-    from bevkit import provenance
+    from bevkit import op_limits, provenance
     from bevkit import results as res
     from bevkit import visualize
     from bevkit.timing import STEPS_FILE, read_steps
@@ -207,6 +207,7 @@ def finish(plan: Plan, exit_code: int, e2e_s: float, out=None) -> Path:
         e2e_duration_s=round(e2e_s, 3), warmup=plan.warmup_steps,
         versions=provenance.collect_versions(plan.env),
         upstream=provenance.upstream_info(plan.spec.upstream_name, checkout),
+        npu_op_limits=op_limits.policy(plan.env),
         extra={"max_steps": r.max_steps, "run_dir": str(r.run_dir),
                "flow": plan.launch.flow if plan.launch else None, "config": str(r.config) if r.config else None,
                "checkpoint": str(r.checkpoint) if r.checkpoint else None,

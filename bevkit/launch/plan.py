@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
-from bevkit import REPO_ROOT
+from bevkit import REPO_ROOT, op_limits
 from bevkit.device import DEVICES, RunDevice, detect_profile
 from bevkit.launch import environment, resume, slurm
 from bevkit.launch.request import (DEFAULT_NPROC, DEFAULT_PERFORMANCE_STEPS, MULTINODE_DEFAULT_PORT, LaunchError,
@@ -304,6 +304,12 @@ def plan(request: Request, machine: Machine, spec: Optional[ModelSpec] = None,
             f"--master_addr={master_addr}", f"--master_port={port}", "-m", WORKER] + entry
     cwd = checkout if checkout is not None and checkout.is_dir() else REPO_ROOT
     backend = RunDevice(device, emulated=environ.get("BEVKIT_EMULATE_DEVICE") == device != "cpu")
+    try:
+        limits = op_limits.describe(env.env)
+    except ValueError as e:
+        raise LaunchError(str(e)) from None
+    if device == "npu":
+        notes.append(limits)
     notes.insert(0, f"{spec.name} {mode}: {nnodes} node(s) x {nproc} {device} process(es) "
                     f"({backend.dist_backend}), batch {batch}/device, global batch {batch * nproc * nnodes}")
     return Plan(spec=spec, request=launch_request, argv=argv, env=env.env, env_set=env.env_set,
