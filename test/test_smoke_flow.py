@@ -59,8 +59,22 @@ def test_generates_prepares_trains_then_evaluates(monkeypatch, flow, tmp_path):
 
 def test_given_data_root_is_never_generated_and_self_evaluating_models_launch_once(monkeypatch, flow, tmp_path):
     monkeypatch.setattr(smoke, "load_spec", lambda model, ref: _spec(None))
+    (tmp_path / "mine").mkdir()
     rc = smoke.run(_request(data_root=tmp_path / "mine"), flow["launch_once"])
     assert rc == 0 and flow["generated"] == [] and len(flow["launches"]) == 1
+
+
+@pytest.mark.parametrize("make, message", [(lambda p: p.write_text("x"), "is a file, not a folder"),
+                                           (lambda p: None, "does not exist")])
+def test_a_given_data_root_that_is_no_folder_is_refused_before_preparation(monkeypatch, flow, tmp_path, make,
+                                                                           message):
+    from bevkit.launch.request import LaunchError
+
+    monkeypatch.setattr(smoke, "load_spec", lambda model, ref: _spec("latest.pth"))
+    make(tmp_path / "mine")
+    with pytest.raises(LaunchError, match=message):
+        smoke.run(_request(data_root=tmp_path / "mine"), flow["launch_once"])
+    assert flow["prepared"] == [] and flow["launches"] == []
 
 
 def test_failures_stop_the_flow(monkeypatch, flow, tmp_path):

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Callable, Optional, Tuple
 
 from bevkit import REPO_ROOT, env, log
-from bevkit.launch.plan import load_spec
-from bevkit.launch.request import Request
+from bevkit.launch.plan import data_root_problem, load_spec, work_dir_problem
+from bevkit.launch.request import LaunchError, Request
 from bevkit.registry import ModelSpec
 
 DEFAULT_DATA = REPO_ROOT / "runs" / "synthetic-nuscenes"
@@ -43,6 +43,11 @@ def run(request: Request, launch_once: LaunchOnce) -> int:
     """The smoke flow for a ``--mode smoke`` request."""
     spec = load_spec(request.model, request.spec_ref)
     say = log.get("smoke")
+    # refused before minutes of data generation and preparation
+    problem = ((request.data_root and data_root_problem(request.data_root))
+               or (request.work_dir and not request.dry_run and work_dir_problem(request.work_dir)))
+    if problem:
+        raise LaunchError(problem)
     data_root = request.data_root or Path(os.path.abspath(default_data_root()))
     if request.data_root is None and not (data_root / "v1.0-trainval").is_dir():
         if request.dry_run:
