@@ -29,7 +29,7 @@ def test_spec_train_argv(tmp_path):
     assert argv[1].endswith("fbocc/configs/fbocc_r50_8p.py") and Path(argv[1]).is_file()
     assert argv[argv.index("--launcher") + 1] == "pytorch"
     assert argv[argv.index("--work-dir") + 1] == str(tmp_path / "run")
-    assert argv[argv.index("--cfg-options") + 1] == f"data_root={tmp_path / 'nus'}/"
+    assert "--cfg-options" not in argv  # the data root goes through BEVKIT_DATA_ROOT (test_bad_inputs: commas)
     assert spec.batch_per_device(_request("full", tmp_path)) == 4
     assert spec.batch_per_device(_request("smoke", tmp_path)) == 1
 
@@ -44,7 +44,9 @@ def test_spec_eval_needs_checkpoint_and_merges_cfg_options(tmp_path):
     assert argv[argv.index("--eval") + 1] == "mIoU"
     assert argv.count("--cfg-options") == 1  # argparse would keep only the last one
     opts = argv[argv.index("--cfg-options") + 1:argv.index("--seed")]
-    assert opts == [f"data_root={tmp_path / 'nus'}/", "sync_bn=True"]
+    assert opts == ["sync_bn=True"]
+    with pytest.raises(ValueError, match="--data-root"):
+        spec.build_entry(_request("full", tmp_path, extra_args=("--cfg-options", "data_root=/elsewhere/")))
 
 
 def test_spec_custom_config_batch(tmp_path):
@@ -253,7 +255,7 @@ def test_8p_scripts_dry_run_the_npu_command(script, mode, entry, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     command = proc.stdout
     assert "--nproc_per_node=8" in command and entry in command and "--launcher pytorch" in command
-    assert f"data_root={tmp_path}/" in command and "BEVKIT_DEVICE=npu" in command
+    assert f"BEVKIT_DATA_ROOT={tmp_path}" in command and "BEVKIT_DEVICE=npu" in command
     assert "fbocc_r50_8p" in command
     assert not any(tmp_path.iterdir())  # a dry run creates nothing
 
