@@ -6,6 +6,7 @@ devices it applies to; the code lives by concern:
 - :mod:`.device`: device portability (placement, DDP wrappers, process group, 'cuda' tensors, autocast, SyncBN);
 - :mod:`.ops`: operators through bevkit.ops;
 - :mod:`.losses`: the occupancy losses (focal loss, NaN/Inf cleaning, which is exact and applies everywhere);
+- :mod:`.data`: info paths relative to the data root;
 - :mod:`.npu`: rank <= 6 matmul rewrites and the Conv3d shortcut rewrite, NPU only (needed there; on CPU/CUDA
   the upstream code is already right and the rewrite measured no faster, see fbocc/README.md);
 - :func:`bevkit.models.fbocc.results.record_on_evaluate`: the mIoU into metrics.json.
@@ -16,6 +17,7 @@ not a patch: it is a visible line in tools/train.py and tools/test.py (:func:`be
 """
 from __future__ import annotations
 
+from bevkit.models.fbocc.patches.data import _infos_in_data_root
 from bevkit.models.fbocc.patches.device import (_autocast_for_device, _build_model, _current_device, _ddp_factory,
                                                 _dp_factory, _init_dist_pytorch, _module_cuda,
                                                 _torch_with_run_device, _with_device)
@@ -32,6 +34,7 @@ SCA = f"{BEVFORMER}.spatial_cross_attention_depth"
 ENCODER = f"{BEVFORMER}.bevformer_encoder"
 DETECTOR = f"{FB}.detectors.fbocc"
 FOCAL = f"{FB}.modules.occ_loss_utils.focal_loss"
+DATASET = "mmdet3d.datasets.nuscenes_dataset:NuScenesDataset"
 SAMPLER = "mmdet3d.datasets.samplers.infinite_group_each_sample_in_batch_sampler"
 NO_CUDA = ("npu", "cpu")
 
@@ -117,6 +120,10 @@ PATCHES = PatchSet("fbocc", [
     RuntimePatch("fbocc-occ-loss-nan", f"{FB}.heads.occupancy_head:OccHead.loss_voxel", _loss_voxel,
                  why="Clear NaN/Inf logits with nan_to_num (exact, no host sync); the NPU port's multiply-by-"
                      "mask kept NaN."),
+    # --- data ------------------------------------------------------------------------------------
+    RuntimePatch("fbocc-infos-in-data-root", f"{DATASET}.load_annotations", _infos_in_data_root,
+                 why="The kit's info files hold paths relative to the data root (a copied or moved root reads its own "
+                     "files); the dataset opens them as stored, so they are joined with the data root on load."),
     # --- results ----------------------------------------------------------------------------------
     RuntimePatch("fbocc-metrics-json", "mmdet3d.datasets.nuscenes_dataset:NuScenesDataset.evaluate",
                  record_on_evaluate,
