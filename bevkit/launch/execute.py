@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import List, Mapping, Sequence, Tuple
 
 from bevkit import __version__, log
+from bevkit.data.decode import find_in_log
 from bevkit.launch.plan import Plan
 from bevkit.launch.request import LaunchError
 from bevkit.registry import MODELS, ModelSpec
@@ -110,13 +111,17 @@ def run_tee(argv: Sequence[str], env: Mapping[str, str], cwd: Path, log_path: Pa
     """Run argv, streaming its combined output to ``out`` and to log_path; returns the exit code.
 
     The child gets its own session so that a terminal Ctrl-C reaches it once, through us: SIGINT,
-    SIGTERM and SIGHUP are forwarded, and we keep reading until it has finished its own shutdown.
+    SIGTERM and SIGHUP are forwarded, and we keep reading until it has finished its own shutdown. A run
+    stopped that way exits 128 + the signal's number, like a shell reports it (torchrun itself exits 1).
     """
     out = out if out is not None else sys.stdout.buffer
     proc = subprocess.Popen(list(argv), cwd=str(cwd), env=dict(env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
+    received = []
+
     def forward(signum, _frame):
+        received.append(signum)
         if proc.poll() is None:
             proc.send_signal(signum)
 
@@ -147,11 +152,18 @@ def run_tee(argv: Sequence[str], env: Mapping[str, str], cwd: Path, log_path: Pa
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if rc != 0 and received:
+        return 128 + received[0]
     return 128 - rc if rc < 0 else rc  # killed by signal N -> 128+N, like a shell
 
 
-def finish(plan: Plan, exit_code: int, e2e_s: float, out=None) -> Path:
-    """Write results.json + the Ascend-style log from the run folder; print the final lines."""
+#: Modes that train: a run of one of these that recorded no optimizer step did not do its job.
+TRAINING_MODES = ("full", "performance", "smoke")
+
+
+def finish(plan: Plan, exit_code: int, e2e_s: float, out=None) -> Tuple[Path, int]:
+    """Write results.json + the Ascend-style log from the run folder; print the final lines. Returns the
+    results path and the run's exit code (1 for a training run that ended without a step)."""
     from bevkit import provenance
     from bevkit import results as res
     from bevkit.timing import STEPS_FILE, read_steps
@@ -160,6 +172,12 @@ def finish(plan: Plan, exit_code: int, e2e_s: float, out=None) -> Path:
     records = read_steps(r.run_dir / STEPS_FILE)
     metrics = res.read_metrics(r.run_dir)
     checkout = plan.cwd if plan.spec.upstream else None
+    failure = None
+    if exit_code == 0 and r.mode in TRAINING_MODES and not records and plan.node_rank == 0:
+        exit_code = 1
+        failure = (f"the run ended without a single optimizer step (no records in {r.run_dir / STEPS_FILE}): "
+                   f"check that the training set holds at least one batch (batch per device x processes) and "
+                   f"the epochs / steps passed to the entry point")
     results = res.build_results(
         records=records, metrics=metrics, model=plan.spec.name, display_name=plan.spec.display_name,
         mode=r.mode, device=r.device, nproc_per_node=r.nproc_per_node, nnodes=r.nnodes,
@@ -167,24 +185,25 @@ def finish(plan: Plan, exit_code: int, e2e_s: float, out=None) -> Path:
         e2e_duration_s=round(e2e_s, 3), warmup=plan.warmup_steps,
         versions=provenance.collect_versions(plan.env),
         upstream=provenance.upstream_info(plan.spec.upstream_name, checkout),
-        extra={"max_steps": r.max_steps, "run_dir": str(r.run_dir),
+        extra={"max_steps": r.max_steps, "run_dir": str(r.run_dir), "failure": failure,
                "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "host": socket.gethostname(), "arch": platform.machine(),
                "files": {"log": LOG_FILE, "launch": LAUNCH_FILE, "steps": STEPS_FILE if records else None,
                          "metrics": res.METRICS_FILE if metrics else None}})
     path, _log, printed = res.write_results(r.run_dir, results)
     out = out or sys.stdout
-    if exit_code == 0 and r.mode in ("full", "performance", "smoke") and not records and plan.node_rank == 0:
-        out.flush()
-        log.get().warning(f"no step records in {r.run_dir / STEPS_FILE}: the entry point did not use "
-                          "bevkit.timing, so no step time or FPS could be measured")
     for line in printed:
         print(line, file=out)
-    if exit_code != 0:
+    if failure:
+        print(f"error: {failure}", file=out)
+    elif exit_code != 0:
+        damaged = find_in_log(r.run_dir / LOG_FILE)  # the one line that says what to fix, if it is a data file
+        if damaged:
+            print(f"error: {damaged}", file=out)
         print(f"training exited with code {exit_code}; see {r.run_dir / LOG_FILE}", file=out)
     print(f"results: {path}", file=out)
     out.flush()
-    return path
+    return path, exit_code
 
 
 def execute(plan: Plan, launcher_argv: Sequence[str]) -> int:
@@ -204,5 +223,4 @@ def execute(plan: Plan, launcher_argv: Sequence[str]) -> int:
     except OSError as e:
         print(f"error: could not start {plan.argv[0]}: {e}", file=sys.stderr)
         rc = 127
-    finish(plan, rc, time.monotonic() - start)
-    return rc
+    return finish(plan, rc, time.monotonic() - start)[1]

@@ -18,6 +18,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from bevkit import checkpoints, env, log
+from bevkit.data.decode import checked_image, naming_sample
 from bevkit.device import device_type, run_device
 from bevkit.models.bevdepth.results import record_on_evaluate
 from bevkit.patching import PatchSet, RuntimePatch
@@ -314,6 +315,10 @@ def _is_function(original: Any) -> bool:
     return callable(original)
 
 
+def _sample_token(dataset, idx):
+    return dataset.infos[dataset.sample_indices[idx] if dataset.use_cbgs else idx]["sample_token"]
+
+
 def _kit_run_cli(original):
     from .cli import run_cli
 
@@ -377,6 +382,13 @@ PATCHES = PatchSet("bevdepth", [
         "depth_gt_precomputed", f"{DATASET}:NuscDetDataset.get_lidar_depth", _get_lidar_depth,
         why="read depth_gt/<image>.bin made offline by 'python -m bevkit.data.depth_gt' instead of "
             "projecting lidar in the data loader (BEVKIT_DEPTH_GT=auto|precomputed|online)"),
+    RuntimePatch(
+        "image_decode_names_file", f"{DATASET}:Image", checked_image,
+        why="PIL opens lazily: a damaged JPEG fails later as 'image file is truncated' without its name; images "
+            "are decoded when opened, and a failure names the file"),
+    RuntimePatch(
+        "sample_in_data_errors", f"{DATASET}:NuscDetDataset.__getitem__", naming_sample("bevdepth", _sample_token),
+        why="a damaged-file error also names the sample token being loaded"),
     RuntimePatch(
         "pretrained_offline", f"{LSS}:BaseLSSFPN.__init__", _lss_init,
         why="torchvision://resnet50 downloads at build time; use a verified local file "

@@ -6,7 +6,7 @@ devices it applies to; the code lives by concern:
 - :mod:`.device`: device portability (placement, DDP wrappers, process group, 'cuda' tensors, autocast, SyncBN);
 - :mod:`.ops`: operators through bevkit.ops;
 - :mod:`.losses`: the occupancy losses (focal loss, NaN/Inf cleaning, which is exact and applies everywhere);
-- :mod:`.data`: info paths relative to the data root;
+- :mod:`.data`: info paths relative to the data root, decode errors that name the file and the sample;
 - :mod:`.npu`: rank <= 6 matmul rewrites and the Conv3d shortcut rewrite, NPU only (needed there; on CPU/CUDA
   the upstream code is already right and the rewrite measured no faster, see fbocc/README.md);
 - :func:`bevkit.models.fbocc.results.record_on_evaluate`: the mIoU into metrics.json.
@@ -17,7 +17,8 @@ not a patch: it is a visible line in tools/train.py and tools/test.py (:func:`be
 """
 from __future__ import annotations
 
-from bevkit.models.fbocc.patches.data import _infos_in_data_root
+from bevkit.data.decode import checked_image
+from bevkit.models.fbocc.patches.data import _infos_in_data_root, sample_in_data_errors
 from bevkit.models.fbocc.patches.device import (_autocast_for_device, _build_model, _current_device, _ddp_factory,
                                                 _dp_factory, _init_dist_pytorch, _module_cuda,
                                                 _torch_with_run_device, _with_device)
@@ -124,6 +125,11 @@ PATCHES = PatchSet("fbocc", [
     RuntimePatch("fbocc-infos-in-data-root", f"{DATASET}.load_annotations", _infos_in_data_root,
                  why="The kit's info files hold paths relative to the data root (a copied or moved root reads its own "
                      "files); the dataset opens them as stored, so they are joined with the data root on load."),
+    RuntimePatch("fbocc-image-decode-names-file", "mmdet3d.datasets.pipelines.loading:Image", checked_image,
+                 why="PIL opens lazily: a damaged JPEG fails later as 'image file is truncated' without its name. "
+                     "Images are decoded when opened, and a failure names the file."),
+    RuntimePatch("fbocc-sample-in-data-errors", f"{DATASET}.__getitem__", sample_in_data_errors,
+                 why="A damaged-file error also names the sample token being loaded."),
     # --- results ----------------------------------------------------------------------------------
     RuntimePatch("fbocc-metrics-json", "mmdet3d.datasets.nuscenes_dataset:NuScenesDataset.evaluate",
                  record_on_evaluate,

@@ -1,9 +1,10 @@
-"""FB-OCC data loading: info paths that follow the data root."""
+"""FB-OCC data loading: info paths that follow the data root, and decode errors that name file and sample."""
 from __future__ import annotations
 
 import functools
 import os
 
+from bevkit.data.decode import naming_sample
 from bevkit.data.schema import in_root
 from bevkit.models.fbocc.prepare import info_path_fields
 
@@ -29,3 +30,10 @@ def _infos_in_data_root(original):
         return infos
 
     return load_annotations
+
+
+def _token(dataset, idx):
+    return dataset.data_infos[idx]["token"]
+
+
+sample_in_data_errors = naming_sample("fbocc", _token)
