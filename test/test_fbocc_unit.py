@@ -343,3 +343,27 @@ def test_prepare_sets_stale_infos_aside_and_recreates_them(tmp_path_factory, tmp
 
     assert prepare.main([str(data), "--fbbev", str(fbbev), "--no-checkpoints"]) == 0
     assert recreated == [data]  # usable infos are not recreated
+
+
+def test_prepare_stores_info_paths_relative_to_the_data_root(tmp_path):
+    """Upstream's converter writes absolute paths (DATA_ROOT joined with the file name); the kit rewrites those
+    inside DATA_ROOT relative to it, so a copied or moved root reads its own files. Paths elsewhere are kept
+    (the data check refuses them, naming the first); the file is rewritten only when something changed."""
+    from bevkit.models.fbocc import prepare
+
+    data = tmp_path / "nu,scenes"
+    data.mkdir()
+    cam = {"data_path": f"{data}/samples/CAM_FRONT/a.jpg", "type": "CAM_FRONT"}
+    infos = {"infos": [{"token": "t0", "lidar_path": f"{data}/samples/LIDAR_TOP/a.pcd.bin", "cams": {"CAM_FRONT": cam},
+                        "sweeps": [{"data_path": "/elsewhere/sweeps/LIDAR_TOP/b.pcd.bin"}],
+                        "occ_path": "./data/nuscenes/gts/scene-0001/t0"}], "metadata": {"version": "v1.0"}}
+    path = prepare.info_path(data, "train")
+    path.write_bytes(pickle.dumps(infos))
+    assert prepare.relativize_infos(path, data) == 2
+    info = pickle.loads(path.read_bytes())["infos"][0]
+    assert info["lidar_path"] == "samples/LIDAR_TOP/a.pcd.bin"
+    assert info["cams"]["CAM_FRONT"]["data_path"] == "samples/CAM_FRONT/a.jpg"
+    assert info["sweeps"][0]["data_path"] == "/elsewhere/sweeps/LIDAR_TOP/b.pcd.bin"
+    assert info["occ_path"] == "./data/nuscenes/gts/scene-0001/t0"
+    mtime = path.stat().st_mtime_ns
+    assert prepare.relativize_infos(path, data) == 0 and path.stat().st_mtime_ns == mtime
