@@ -435,3 +435,25 @@ def test_the_launcher_prints_the_damaged_file_line_of_a_failed_run(tmp_path):
                           env=kit_env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 1
     assert f"error: {message}" in lines(proc.stdout)[-3:]
+
+
+def test_a_checked_image_stays_lazy_and_names_the_file_when_decoding_fails(tmp_path):
+    """The dataset modules' ``Image`` (runtime patches 'fbocc-image-decode-names-file', 'image_decode_names_file'):
+    an opened image is not decoded yet (JPEG draft mode, BEVKIT_JPEG_DRAFT, needs that), and a cut JPEG fails
+    when decoded, whenever that is, with the file's name (PIL: 'image file is truncated', no name)."""
+    from PIL import Image
+
+    from bevkit.data.decode import PREFIX, CheckedImage, SampleFileError
+
+    whole, cut = tmp_path / "whole.jpg", tmp_path / "cut.jpg"
+    Image.new("RGB", (320, 160), (90, 120, 200)).save(whole, quality=90)
+    cut.write_bytes(whole.read_bytes()[:whole.stat().st_size // 2])
+    checked = CheckedImage(Image)
+    img = checked.open(str(whole))
+    assert img.tile  # not decoded yet
+    img.draft("RGB", (80, 40))
+    assert img.convert("RGB").size == (80, 40)  # decoded at 1/4 scale
+    with pytest.raises(SampleFileError, match="^" + re.escape(f"{PREFIX}{cut}: OSError: image file is truncated")):
+        checked.open(str(cut)).convert("RGB")
+    with pytest.raises(SampleFileError, match=re.escape(f"{PREFIX}{tmp_path / 'gone.jpg'}: FileNotFoundError")):
+        checked.open(str(tmp_path / "gone.jpg"))

@@ -4,8 +4,9 @@ PIL opens images lazily: a damaged JPEG fails later, inside a transform, with ``
 truncated`` and no file name. The runtime patches of each model (listed in their patch sets) put two things in
 place:
 
-- :class:`CheckedImage` stands in for ``PIL.Image`` inside the dataset module: ``open`` decodes at once and
-  turns a failure into :class:`SampleFileError` naming the file;
+- :class:`CheckedImage` stands in for ``PIL.Image`` inside the dataset module: the image it opens stays lazy
+  (JPEG draft mode, ``BEVKIT_JPEG_DRAFT``, needs an image not yet decoded), but a failure to open or to decode it,
+  whenever that happens, becomes :class:`SampleFileError` naming the file;
 - :func:`naming_sample` wraps the dataset's ``__getitem__`` so that error also names the sample token.
 
 The launcher finds the message in ``train.log`` and prints it as the run's last error line
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import re
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -28,8 +30,8 @@ class SampleFileError(OSError):
 
 
 class CheckedImage:
-    """``PIL.Image`` for one dataset module, whose ``open`` decodes the image at once (same image object, loaded
-    earlier than the pipeline would)."""
+    """``PIL.Image`` for one dataset module, whose ``open`` gives the same lazy image object, with its ``load`` (what
+    PIL calls before it reads pixels) turning a decode failure into :class:`SampleFileError` naming the file."""
 
     def __init__(self, image_module: Any):
         self._image = image_module
@@ -40,10 +42,30 @@ class CheckedImage:
     def open(self, fp, *args, **kwargs):
         try:
             img = self._image.open(fp, *args, **kwargs)
-            img.load()
-        except (OSError, SyntaxError, ValueError, EOFError) as e:  # PIL's errors for missing/broken files
+        except DECODE_ERRORS as e:
             raise SampleFileError(f"{PREFIX}{fp}: {type(e).__name__}: {e}") from e
+        img.load = _naming_load(img, fp)
         return img
+
+
+#: What PIL raises for a missing, cut or damaged file.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
+
+
+def _naming_load(img: Any, name: Any) -> Callable[[], Any]:
+    """``img.load`` that names the file when decoding fails. A weak reference, so that the image does not hold
+    itself in a cycle (its pixel buffer is freed when the pipeline drops it, not at the next garbage collection)."""
+    load, ref = type(img).load, weakref.ref(img)
+
+    def checked_load():
+        try:
+            return load(ref())
+        except SampleFileError:
+            raise
+        except DECODE_ERRORS as e:
+            raise SampleFileError(f"{PREFIX}{name}: {type(e).__name__}: {e}") from e
+
+    return checked_load
 
 
 def checked_image(original: Any) -> CheckedImage:

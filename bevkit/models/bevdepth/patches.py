@@ -385,7 +385,7 @@ PATCHES = PatchSet("bevdepth", [
     RuntimePatch(
         "image_decode_names_file", f"{DATASET}:Image", checked_image,
         why="PIL opens lazily: a damaged JPEG fails later as 'image file is truncated' without its name; images "
-            "are decoded when opened, and a failure names the file"),
+            "opened stay lazy (JPEG draft mode), and a failure to decode names the file"),
     RuntimePatch(
         "sample_in_data_errors", f"{DATASET}:NuscDetDataset.__getitem__", naming_sample("bevdepth", _sample_token),
         why="a damaged-file error also names the sample token being loaded"),

@@ -127,7 +127,7 @@ PATCHES = PatchSet("fbocc", [
                      "files); the dataset opens them as stored, so they are joined with the data root on load."),
     RuntimePatch("fbocc-image-decode-names-file", "mmdet3d.datasets.pipelines.loading:Image", checked_image,
                  why="PIL opens lazily: a damaged JPEG fails later as 'image file is truncated' without its name. "
-                     "Images are decoded when opened, and a failure names the file."),
+                     "Images stay lazy (JPEG draft mode), and a failure to decode names the file."),
     RuntimePatch("fbocc-sample-in-data-errors", f"{DATASET}.__getitem__", sample_in_data_errors,
                  why="A damaged-file error also names the sample token being loaded."),
     # --- results ----------------------------------------------------------------------------------
