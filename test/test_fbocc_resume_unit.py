@@ -120,3 +120,20 @@ def test_mmcvs_own_resume_repeats_the_checkpoints_iteration(tmp_path):
     plain = _runner(tmp_path / "plain", 4)
     plain.resume(str(tmp_path / "first" / "iter_2.pth"), map_location="cpu")
     assert plain.iter == 1  # what the 'fbocc-resume' patch corrects (iter_2.pth holds 2 finished iterations)
+
+
+def test_checkpoint_check_sees_through_the_kits_wrapper_subclasses():
+    """The key-by-key check compares with the bare model: on CPU the kit wraps it in a subclass of mmcv's DDP
+    (patches.device._cpu_ddp_class), which a check by class name missed ('module.' on every key, resume refused)."""
+    pytest.importorskip("mmcv")
+    import torch
+    from mmcv.parallel import MMDataParallel
+
+    from bevkit.models.fbocc.patches.checkpoints import unwrap
+
+    class CPUDataParallelOfTheKit(MMDataParallel):
+        pass
+
+    model = torch.nn.Linear(2, 2)
+    assert unwrap(CPUDataParallelOfTheKit(model)) is model
+    assert unwrap(model) is model

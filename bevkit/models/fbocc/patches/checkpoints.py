@@ -20,9 +20,10 @@ from bevkit import env
 
 
 def unwrap(model):
-    while hasattr(model, "module") and type(model).__name__ in (
-            "MMDistributedDataParallel", "MMDataParallel", "DistributedDataParallel", "DataParallel",
-            "NPUDistributedDataParallel", "NPUDataParallel"):
+    """The model inside mmcv's / torch's wrappers (subclasses included: the kit's CPU and device DDP classes)."""
+    from mmcv.parallel import is_module_wrapper
+
+    while is_module_wrapper(model):
         model = model.module
     return model
 
