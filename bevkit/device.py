@@ -217,6 +217,27 @@ class RunDevice:
             dtype = torch.bfloat16
         return torch.autocast(device_type=self.memory, enabled=enabled, dtype=dtype)
 
+    def grad_scaler(self, **kwargs):
+        """The device's dynamic loss scaler for fp16 AMP: torch_npu's on NPU, torch's CUDA one on CUDA, None on CPU
+        (bf16 needs none). Emulated devices keep the device's API where it runs on CPU tensors (the fake
+        torch_npu's scaler) and otherwise get torch's CPU GradScaler: torch's CUDA scaler disables itself on a
+        machine without CUDA, and the point of an emulated run is that the loss is scaled as on the device."""
+        import torch
+
+        if self.kind == "npu":
+            import torch_npu
+
+            return torch_npu.npu.amp.GradScaler(**kwargs)
+        if self.kind == "cuda":
+            memory = "cpu" if self.emulated else "cuda"
+            if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
+                return torch.amp.GradScaler(memory, **kwargs)
+            if memory == "cuda":
+                return torch.cuda.amp.GradScaler(**kwargs)
+            raise RuntimeError(f"torch {torch.__version__} has no CPU GradScaler for an emulated cuda run "
+                               "(torch >= 2.3 has)")
+        return None
+
     @contextlib.contextmanager
     def autocast_off(self) -> Iterator[None]:
         """Autocast disabled on this device and the CPU: what upstream's ``torch.cuda.amp.autocast(False)``
