@@ -2,7 +2,8 @@
 
 It provides the slice of torch_npu's device API the kit uses: ``torch.npu`` (is_available, device_count,
 set_device, current_device, get_device_name, synchronize, memory_stats, empty_cache,
-config.allow_internal_format, amp.GradScaler), ``torch_npu.npu`` (the same module) and
+config.allow_internal_format, amp.GradScaler, amp.autocast; ``from torch.npu.amp import autocast`` works, as mmcv
+does it on NPU), ``torch_npu.npu`` (the same module) and
 ``torch_npu.optim.NpuFusedAdamW`` (with the real one's constraints, see optim.py). Calls are
 recorded in :data:`CALLS` so tests can assert what the kit asked for. Tensors stay on the CPU: pair it
 with ``bevkit.device.emulate_device('npu')``.
@@ -13,6 +14,7 @@ remove ``torch.npu`` afterwards.
 from __future__ import annotations
 
 import os
+import sys
 import types
 from typing import Any, List, Tuple
 
@@ -48,6 +50,16 @@ class GradScaler(torch.amp.GradScaler if hasattr(torch.amp, "GradScaler") else o
             super().__init__("cpu", *args, **kwargs)
 
 
+class autocast(torch.autocast):
+    """Stands in for torch_npu.npu.amp.autocast (``torch_npu/npu/amp/autocast_mode.py``: ``torch.autocast('npu')``
+    with ``enabled=True, dtype=torch.float16, cache_enabled=True`` defaults); CPU tensors stand in for NPU ones, so
+    it is CPU autocast in the same dtype."""
+
+    def __init__(self, enabled: bool = True, dtype: torch.dtype = torch.float16, cache_enabled: bool = True):
+        CALLS.append(("autocast", dict(enabled=enabled, dtype=str(dtype))))
+        super().__init__("cpu", enabled=enabled, dtype=dtype, cache_enabled=cache_enabled)
+
+
 def _set_device(device) -> None:
     CALLS.append(("set_device", device))
     npu.current = torch.device(device).index if not isinstance(device, int) else device
@@ -64,7 +76,10 @@ npu.get_device_name = _device_name
 npu.memory_stats = lambda device=None: {"allocated_bytes.all.current": 0}
 npu.empty_cache = lambda: CALLS.append(("empty_cache", None))
 npu.config = _Config()
-npu.amp = types.SimpleNamespace(GradScaler=GradScaler)
+amp = types.ModuleType("torch_npu.npu.amp")
+amp.GradScaler = GradScaler
+amp.autocast = autocast
+npu.amp = amp
 
 
 from . import optim  # noqa: E402  (torch_npu.optim.NpuFusedAdamW)
@@ -85,6 +100,9 @@ def _register() -> None:
     except RuntimeError:  # registered before: just expose it again
         pass
     torch.npu = npu
+    sys.modules.setdefault("torch_npu.npu", npu)
+    sys.modules.setdefault("torch_npu.npu.amp", amp)
+    sys.modules["torch.npu.amp"] = amp  # torch_npu makes ``from torch.npu.amp import ...`` work (mmcv on NPU)
 
 
 _register()
