@@ -11,7 +11,8 @@ the evaluation hooks (LOW), whose time lands in the following step (as in mmcv's
 the median is robust to such steps).
 
 Stopping (``BEVKIT_MAX_STEPS``): on an ``IterBasedRunner`` the hook lowers ``runner._max_iters`` to the
-current iteration + 1, so the runner leaves its loop normally and runs its ``after_run`` hooks (no
+current iteration + 1 before the last step, so the other hooks see that step as the run's last (the checkpoint
+hook saves ``latest.pth``) and the runner leaves its loop normally and runs its ``after_run`` hooks (no
 ``sys.exit`` inside the loop). On an ``EpochBasedRunner`` it can only end after the current epoch.
 """
 from __future__ import annotations
@@ -54,6 +55,11 @@ class BevkitTimingHook(Hook):
 
     def before_train_iter(self, runner) -> None:
         self.recorder.step_begin()
+        last = self.recorder.max_steps is not None and self.recorder.steps + 1 >= self.recorder.max_steps
+        if last and isinstance(runner, IterBasedRunner):
+            # the coming iteration is the last: every hook's after_train_iter sees it as the run's last (the
+            # checkpoint hook writes latest.pth, which a smoke run's evaluation reads)
+            runner._max_iters = min(runner._max_iters, runner.iter + 1)
 
     def after_train_iter(self, runner) -> None:
         outputs = runner.outputs or {}

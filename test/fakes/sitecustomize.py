@@ -15,7 +15,8 @@ run. Elsewhere (no emulated device) this module does nothing. In a lane it:
 3. records what the process did with the device's APIs and writes it at exit, per rank, to
    ``$BEVKIT_RUN_DIR/emulation/rank<RANK>.json`` (tests assert on it): the fakes' calls, the optimizer class and
    its fused/foreach flags at each step, the loss scaler's class and scale, autocast entries, gradient clipping,
-   the DDP wrapper's class chain and the process group backend, and the imports the package set refused.
+   the DDP wrapper's class chain and the process group backend, Lightning's accelerator / strategy / precision
+   plugin, and the imports the package set refused.
    Observing only: each recorder calls the original and returns its result.
 """
 from __future__ import annotations
@@ -139,6 +140,29 @@ def _observe_torch(torch):
     wrap(torch.nn.parallel.DistributedDataParallel, "__init__", after=ddp_made)
 
 
+def _observe_lightning(pl):
+    """Record the accelerator, strategy and precision plugin classes of each pl.Trainer (observing only)."""
+    import functools
+
+    original = pl.Trainer.__init__
+
+    @functools.wraps(original)
+    def __init__(trainer, *args, **kwargs):
+        original(trainer, *args, **kwargs)
+        name = lambda obj: f"{type(obj).__module__}.{type(obj).__qualname__}"  # noqa: E731
+        plugin = trainer.precision_plugin
+        RECORD.setdefault("trainer", []).append({
+            "accelerator": name(trainer.accelerator), "strategy": name(trainer.strategy),
+            "strategy_classes": [f"{c.__module__}.{c.__qualname__}" for c in type(trainer.strategy).__mro__
+                                 if c.__module__.startswith(("pytorch_lightning", "bevkit"))],
+            "process_group_backend": getattr(trainer.strategy, "process_group_backend", None),
+            "precision_plugin": name(plugin), "plugin_device": getattr(plugin, "device", None),
+            "scaler": name(plugin.scaler) if getattr(plugin, "scaler", None) is not None else None,
+            "gradient_clip_val": trainer.gradient_clip_val})
+
+    pl.Trainer.__init__ = __init__
+
+
 def _write(blocker):
     import json
     import sys
@@ -174,6 +198,7 @@ def _start() -> None:
     blocker = ProfileImportBlocker(DEVICE, MODELS, refused=refused, substitutes=SUBSTITUTES.get(DEVICE)).install()
     _after_import("bevkit.ops.dispatch", _stand_ins)
     _after_import("torch", _observe_torch)
+    _after_import("pytorch_lightning", _observe_lightning)
     atexit.register(_write, blocker)
 
 
