@@ -104,7 +104,8 @@ def _observe_torch(torch):
 
     register_optimizer_step_pre_hook(step)
 
-    def clipped(norm, parameters, max_norm, *args, **kwargs):
+    def clipped(norm, *args, **kwargs):
+        max_norm = kwargs["max_norm"] if "max_norm" in kwargs else args[1]
         RECORD["clip"].append({"max_norm": float(max_norm), "norm": float(norm)})
 
     import importlib
@@ -115,7 +116,7 @@ def _observe_torch(torch):
 
     scaler_cls = importlib.import_module("torch.amp.grad_scaler").GradScaler
 
-    def scaler_step(result, scaler, optimizer, *args, **kwargs):
+    def scaler_step(result, scaler, *args, **kwargs):
         RECORD["scaler"].append({"scaler": f"{type(scaler).__module__}.{type(scaler).__qualname__}",
                                  "enabled": scaler.is_enabled(), "scale": float(scaler.get_scale())
                                  if scaler.is_enabled() else None})
@@ -128,8 +129,10 @@ def _observe_torch(torch):
 
     wrap(importlib.import_module("torch.amp.autocast_mode").autocast, "__enter__", after=entered)
 
-    def ddp_made(result, module, *args, **kwargs):
+    def ddp_made(result, *args, **kwargs):
         import torch.distributed as dist
+
+        module = args[0]  # the DistributedDataParallel being built
 
         RECORD["ddp"].append({"classes": [f"{c.__module__}.{c.__qualname__}" for c in type(module).__mro__
                                           if c.__module__.split(".")[0] in ("mmcv", "torch", "pytorch_lightning",
