@@ -53,7 +53,8 @@ VARIABLES: Tuple[Var, ...] = (
     Var("BEVKIT_DISABLE_PATCHES", "user", "-",
         "comma-separated runtime patch names to leave out (A/B measurements; both models)"),
     Var("BEVKIT_EMULATE_DEVICE", "user (tests)", "-",
-        "treat CPU tensors as this device type (tests with the fake torch_npu / mx_driving)"),
+        "npu or cuda, equal to --device: an emulated device lane (CPU tensors, the device's path with the test "
+        "fakes; see \"Emulated device lanes\")"),
     Var("BEVKIT_WORKERS", "user", "the config's", "FB-OCC dataloader workers per process"),
     Var("BEVKIT_CKPT_DIR", "user", "-",
         "pretrained checkpoints folder, searched first (then DATA_ROOT/ckpts, then the torch hub cache)"),
