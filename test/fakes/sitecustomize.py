@@ -16,7 +16,7 @@ run. Elsewhere (no emulated device) this module does nothing. In a lane it:
    ``$BEVKIT_RUN_DIR/emulation/rank<RANK>.json`` (tests assert on it): the fakes' calls, the optimizer class and
    its fused/foreach flags at each step, the loss scaler's class and scale, autocast entries, gradient clipping,
    the DDP wrapper's class chain and the process group backend, Lightning's accelerator / strategy / precision
-   plugin, and the imports the package set refused.
+   plugin, the runtime patches applied per patch set, and the imports the package set refused.
    Observing only: each recorder calls the original and returns its result.
 """
 from __future__ import annotations
@@ -166,6 +166,18 @@ def _observe_lightning(pl):
     pl.Trainer.__init__ = __init__
 
 
+def _observe_patching(patching):
+    """Record the runtime patches each patch set applied in this process (observing only)."""
+    original = patching.PatchSet.apply
+
+    def apply(patch_set, *args, **kwargs):
+        applied = original(patch_set, *args, **kwargs)
+        RECORD.setdefault("patches", {})[patch_set.name] = list(applied)
+        return applied
+
+    patching.PatchSet.apply = apply
+
+
 def _write(blocker):
     import json
     import sys
@@ -202,6 +214,7 @@ def _start() -> None:
     _after_import("bevkit.ops.dispatch", _stand_ins)
     _after_import("torch", _observe_torch)
     _after_import("pytorch_lightning", _observe_lightning)
+    _after_import("bevkit.patching", _observe_patching)
     atexit.register(_write, blocker)
 
 
