@@ -166,6 +166,20 @@ def _run_device_grad_scaler(original):
         return run_device().grad_scaler(*args, **kwargs)
 
     return grad_scaler
+def _torch_safe_load(original):
+    from bevkit.torch_load import TorchWithSafeLoad
+
+    return TorchWithSafeLoad(original)
+
+
+def _load_url(original):
+    from bevkit.torch_load import load_url
+
+    def weights_only_load_url(*args, **kwargs):
+        return load_url(*args, **kwargs)
+
+    weights_only_load_url.__bevkit_original__ = original
+    return weights_only_load_url
 
 
 PATCHES = PatchSet("common", [
@@ -204,5 +218,18 @@ PATCHES = PatchSet("common", [
         devices=("cuda",), on="emulation",
         why="emulated cuda only: mmcv's Fp16OptimizerHook builds torch.cuda.amp.GradScaler, which disables itself "
             "without CUDA; the run device's scaler (torch's CPU GradScaler) scales the loss as on the GPU."),
+    RuntimePatch(
+        name="mmcv-checkpoint-weights-only",
+        target="mmcv.runner.checkpoint:torch",
+        build=_torch_safe_load,
+        why="mmcv's checkpoint loader calls torch.load without weights_only (torch 2.1's default is False: a "
+            "file could run code): every checkpoint mmcv reads goes through bevkit.torch_load (weights_only "
+            "first; full unpickling only for files in trusted places)."),
+    RuntimePatch(
+        name="mmcv-model-zoo-weights-only",
+        target="mmcv.runner.checkpoint:load_url",
+        build=_load_url,
+        why="mmcv's http:// and torchvision:// weights come from torch.hub.load_state_dict_from_url, whose "
+            "weights_only defaults to False: load them with weights_only=True."),
 ])
 

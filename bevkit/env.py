@@ -27,7 +27,7 @@ VARIABLES: Tuple[Var, ...] = (
     Var("BEVKIT_RUN_DIR", "launcher", "-",
         "the run folder: rank 0 writes steps.jsonl there, evaluation writes metrics.json"),
     Var("BEVKIT_MODEL", "launcher", "-", "model of the run (fbocc, bevdepth)"),
-    Var("BEVKIT_MODE", "launcher", "-", "full, performance, eval or smoke"),
+    Var("BEVKIT_MODE", "launcher", "-", "full, performance, eval, smoke or demo"),
     Var("BEVKIT_DEVICE", "launcher", "best available (npu > cuda > cpu)",
         "the run's device type: npu, cuda or cpu (the launcher's --device, else detected)"),
     Var("BEVKIT_DATA_ROOT", "launcher / user", "<repo>/data/nuscenes",
@@ -35,6 +35,12 @@ VARIABLES: Tuple[Var, ...] = (
     Var("BEVKIT_SAMPLES_PER_DEVICE", "launcher", "-", "batch per device, for the samples of each step record"),
     Var("BEVKIT_MAX_STEPS", "launcher", "- (performance runs: the model's step count)",
         "stop training after this many optimizer steps"),
+    Var("BEVKIT_CHECKPOINT", "launcher", "-",
+        "the checkpoint the launcher checked (--checkpoint, or the --resume run's): compared key by key with the "
+        "built model before it is used"),
+    Var("BEVKIT_TRUST_CHECKPOINT", "launcher / user", "-",
+        "1: load checkpoints that need full unpickling from anywhere (--trust-checkpoint); else only from run "
+        "folders, BEVKIT_CKPT_DIR and DATA_ROOT/ckpts"),
     Var("BEVKIT_WARMUP_STEPS", "user", "first 10% of the steps",
         "steps left out of the step-time statistics (also --warmup-steps)"),
     # --- launcher settings
@@ -44,6 +50,8 @@ VARIABLES: Tuple[Var, ...] = (
         "':'-separated set_env.sh locations tried in order (a launcher setting, not passed to training)"),
     Var("BEVKIT_SMOKE_DATA", "user", "<repo>/runs/synthetic-nuscenes",
         "data root of smoke runs without --data-root (generated when missing)"),
+    Var("BEVKIT_DEMO_DATA", "user", "<repo>/runs/synthetic-nuscenes[-<the model's demo data options>]",
+        "data root of demo runs without --data-root (generated with the model's demo options when missing)"),
     Var("BEVKIT_FULL_WORK_DIR", "user", "<repo>/runs/bevdepth/full",
         "where BEVDepth's eval looks for the newest checkpoint when none is given"),
     Var("BEVKIT_UPSTREAM_DIR", "user", "<repo>/upstream", "folder holding the upstream checkouts"),
@@ -55,12 +63,21 @@ VARIABLES: Tuple[Var, ...] = (
     Var("BEVKIT_EMULATE_DEVICE", "user (tests)", "-",
         "npu or cuda, equal to --device: an emulated device lane (CPU tensors, the device's path with the test "
         "fakes; see \"Emulated device lanes\")"),
-    Var("BEVKIT_WORKERS", "user", "the config's", "FB-OCC dataloader workers per process"),
+    Var("BEVKIT_NPU_OP_LIMITS", "user", "documented",
+        "mx_driving limits the NPU ops keep: documented (split/pad to DrivingSDK's documented limits) or port "
+        "(one call, no padding, as the DrivingSDK ports; compare with tools/npu_ab)"),
+    Var("BEVKIT_WORKERS", "user", "FB-OCC: the config's; BEVDepth training: 8 on NPU/CUDA, upstream's 4 on CPU",
+        "dataloader workers per process"),
+    Var("BEVKIT_JPEG_DRAFT", "user", "-",
+        "1: camera JPEGs decoded at the reduced DCT scale the resize needs (PIL draft mode; both models; faster, "
+        "changes the input pixels slightly, see bevdepth/README.md)"),
     Var("BEVKIT_CKPT_DIR", "user", "-",
         "pretrained checkpoints folder, searched first (then DATA_ROOT/ckpts, then the torch hub cache)"),
     Var("BEVKIT_PRETRAINED", "user", "-", "'none': BEVDepth trains its image backbone from scratch"),
     Var("BEVKIT_DEPTH_GT", "user", "auto",
         "BEVDepth depth ground truth: auto (precomputed files, else online), precomputed or online"),
+    Var("BEVKIT_PREDICTION_SAMPLES", "user", "6",
+        "samples an evaluation dumps to RUN_DIR/predictions/ for the pictures (0: none)"),
     Var("BEVKIT_NUSC_VERSION", "user", "v1.0-trainval", "nuScenes version folder BEVDepth evaluates on"),
     # --- setup and shell entries
     Var("BEVKIT_PROFILE", "user / setup", "detected (npu-smi/CANN: npu, nvidia-smi: cuda, else cpu)",

@@ -56,6 +56,9 @@ class RuntimePatch:
       an emulated device keeps its tensors on the CPU, so it needs these where a real one would not);
     - ``"emulation"``: only on an emulated device of those types (what a CPU cannot do the device's way, e.g.
       torch's CUDA loss scaler; README lists each).
+
+    ``enabled() -> bool``, when given, makes the patch opt-in (asked once, when the set is applied; e.g. an
+    environment switch that is off by default).
     """
 
     name: str
@@ -65,6 +68,7 @@ class RuntimePatch:
     devices: Tuple[str, ...] = DEVICES
     check: Optional[Callable[[Any], bool]] = None
     on: str = "device"
+    enabled: Optional[Callable[[], bool]] = None
 
     def __post_init__(self):
         _split_target(self.target)
@@ -77,10 +81,12 @@ class RuntimePatch:
     def applies_to(self, device: "str | RunDevice") -> bool:
         run = RunDevice.of(device)
         if self.on == "memory":
-            return run.memory in self.devices
-        if self.on == "emulation":
-            return run.emulated and run.kind in self.devices
-        return run.kind in self.devices
+            matched = run.memory in self.devices
+        elif self.on == "emulation":
+            matched = run.emulated and run.kind in self.devices
+        else:
+            matched = run.kind in self.devices
+        return matched and (self.enabled is None or bool(self.enabled()))
 
     def resolve(self) -> Tuple[Any, str, Any]:
         """(owner object, attribute name, original value); raises PatchTargetMissing."""
@@ -163,7 +169,8 @@ class PatchSet:
 
     def describe(self) -> List[Dict[str, str]]:
         return [{"set": self.name, "name": p.name, "target": p.target,
-                 "devices": ",".join(p.devices) + ("" if p.on == "device" else f" ({p.on})"), "why": p.why}
+                 "devices": ",".join(p.devices) + ("" if p.on == "device" else f" ({p.on})")
+                 + (" (opt-in)" if p.enabled else ""), "why": p.why}
                 for p in self.patches]
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from bevkit import REPO_ROOT
 
-MODES = ("full", "performance", "eval", "smoke")
+MODES = ("full", "performance", "eval", "smoke", "demo")
 
 
 @dataclass(frozen=True)
@@ -54,13 +54,34 @@ class LaunchRequest:
     nproc_per_node: int
     nnodes: int
     config: Optional[Path] = None          # model config (FB-OCC mmcv config; BEVDepth exp variant)
-    checkpoint: Optional[Path] = None      # eval: the weights to evaluate
+    checkpoint: Optional[Path] = None      # eval: the weights to evaluate; training: the weights to start from
+    resume: Optional[Path] = None          # training: the checkpoint to continue from (counters, optimizer, ...)
     max_steps: Optional[int] = None        # performance: stop after this many steps
     extra_args: Tuple[str, ...] = ()       # everything after '--' on the script's command line
 
     @property
     def world_size(self) -> int:
         return self.nproc_per_node * self.nnodes
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """What a model's checkpoints look like: the knowledge :mod:`bevkit.checkpoint_check` needs to tell a
+    model's checkpoint from another's, to find the newest resumable one in a run folder, and which keys may
+    differ from the built model (data only; no torch)."""
+
+    title: str                     # how messages name the model ('FB-OCC')
+    framework: str                 # container its training writes: 'mmcv' (meta, state_dict, optimizer) or 'lightning'
+    #: top-level modules of the state dict that every full checkpoint of the model has (after key_prefix)
+    modules: Tuple[str, ...]
+    optional_modules: Tuple[str, ...] = ()   # modules only some configs have
+    key_prefix: str = ""           # Lightning: the LightningModule attribute that holds the model ('model.')
+    #: fnmatch patterns of keys that may be missing from / extra in a checkpoint (the documented allow-list)
+    allow_missing: Tuple[str, ...] = ("*.num_batches_tracked",)
+    allow_unexpected: Tuple[str, ...] = ()
+    #: run folder -> its newest resumable checkpoint (None: it wrote none)
+    latest: Optional[Callable[[Path], Optional[Path]]] = None
+    files: str = ""                # what its checkpoints are called, for messages ('iter_N.pth of an FB-OCC run')
 
 
 @dataclass(frozen=True)
@@ -81,10 +102,10 @@ class ModelSpec:
     configs: Dict[str, str] = field(default_factory=dict)
     #: LaunchRequest -> samples per device the entry point will use (from the request: mode, options)
     samples_per_device_for: Optional[Callable[[LaunchRequest], int]] = None
-    #: smoke runs: data preparation as (module, options...), run as ``python -m module DATA_ROOT options...``
+    #: smoke and demo runs: data preparation as (module, options...), run as ``python -m module DATA_ROOT options...``
     smoke_prepare: Tuple[str, ...] = ()
-    #: smoke runs: checkpoint file in the training run folder to evaluate afterwards with mode 'eval'
-    #: (None: the smoke training evaluates by itself)
+    #: smoke and demo runs: checkpoint file in the training run folder to evaluate afterwards with mode 'eval'
+    #: (None: the training evaluates by itself)
     smoke_eval_checkpoint: Optional[str] = None
     #: steps a performance run trains for (None: bevkit.launch.DEFAULT_PERFORMANCE_STEPS)
     performance_steps: Optional[int] = None
@@ -95,10 +116,19 @@ class ModelSpec:
     data_checks: str = ""
     #: metrics.json key -> (display name, factor to the unit of the reference tables), in display order
     metrics: Dict[str, Tuple[str, float]] = field(default_factory=dict)
-    #: reference results (a JSON list beside the model's README, relative to the repository root)
+    #: reference data beside the model's README (relative to the repository root): published 'results' (rows)
+    #: and accuracy 'gates' (bevkit.gate)
     references: str = ""
+    #: module drawing the pictures of predictions: ``render(sample, out_dir, options) -> [png paths]`` for one
+    #: ``predictions/<token>.npz`` its evaluation patch dumped (bevkit.visualize)
+    pictures: str = ""
+    #: demo runs: options of ``python -m bevkit.data.synthetic`` for the data a demo generates when no --data-root
+    #: is given (its folder is named after them, so data of other options is never reused)
+    demo_data: Tuple[str, ...] = ()
     #: pretrained checkpoints the reference recipe loads: (bevkit.checkpoints.Checkpoint, what it is used as)
     checkpoints: Tuple[Tuple[Any, str], ...] = ()
+    #: what the model's own checkpoints look like (checks before eval / resume / --checkpoint; None: unchecked)
+    checkpoint_format: Optional[CheckpointFormat] = None
 
     @property
     def upstream_name(self) -> str:
@@ -113,12 +143,20 @@ class ModelSpec:
         """The module of :attr:`data_checks`."""
         return importlib.import_module(self.data_checks)
 
-    def reference_rows(self) -> List[Dict[str, Any]]:
-        """The rows of :attr:`references` (each with 'model' filled in)."""
+    def _reference_data(self) -> Dict[str, Any]:
         if not self.references:
-            return []
-        rows = json.loads((REPO_ROOT / self.references).read_text(encoding="utf-8"))
-        return [dict(row, model=self.name) for row in rows]
+            return {}
+        data = json.loads((REPO_ROOT / self.references).read_text(encoding="utf-8"))
+        return {"results": data} if isinstance(data, list) else data
+
+    def reference_rows(self) -> List[Dict[str, Any]]:
+        """The published results of :attr:`references` ('results', each with 'model' filled in)."""
+        return [dict(row, model=self.name) for row in self._reference_data().get("results", [])]
+
+    def gates(self) -> Dict[str, Dict[str, Any]]:
+        """The accuracy gates of :attr:`references` ('gates': 'reference' for the reference recipe, 'demo' for
+        the demo), read by :mod:`bevkit.gate`."""
+        return dict(self._reference_data().get("gates") or {})
 
 
 #: model name -> package that defines ``SPEC``. Imported lazily: a spec module imports nothing heavy, but

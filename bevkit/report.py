@@ -1,23 +1,28 @@
 """Compare runs: a Markdown table of one or more results.json beside the reference results, and PNG plots.
 
     tools/report RUN_OR_RESULTS [...] [--out DIR] [--all-references]
+    tools/report --gate RUN_OR_RESULTS [...]
     tools/report --reference-table
 
-Writes ``DIR/report.md``, ``DIR/loss.png`` and ``DIR/step_time.png`` (default DIR: ``report/`` inside the
-first run folder) and prints the Markdown. The reference results are each model's data (``ModelSpec.references``:
-``fbocc/reference.json``, ``bevdepth/reference.json``, with their sources), the same numbers as README.md.
+Writes ``DIR/report.md`` (runs, accuracy gates, links to each run's pictures of predictions), ``DIR/loss.png``
+and ``DIR/step_time.png`` (default DIR: ``report/`` inside the first run folder) and prints the Markdown.
+``--gate`` only judges accuracy (:mod:`bevkit.gate`) and exits 1 when a run fails its gate. The reference results
+are each model's data (``ModelSpec.references``: ``fbocc/reference.json``, ``bevdepth/reference.json``, with their
+sources), the same numbers as README.md.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from bevkit import gate
 from bevkit.registry import all_specs
 from bevkit.results import display_metrics, load_results
-
+from bevkit.visualize import PICTURES_DIR
 
 
 def references(models: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
@@ -103,6 +108,31 @@ def markdown(runs: Sequence[Mapping[str, Any]], all_references: bool = False) ->
     return "\n".join(lines) + "\n"
 
 
+def gate_section(runs: Sequence[Mapping[str, Any]]) -> str:
+    """Each run's accuracy gate (``tools/report --gate`` gives the same verdicts with an exit code)."""
+    lines = ["", "## Accuracy gate", "", "```"]
+    lines += [gate.evaluate(run).text() for run in runs]
+    return "\n".join(lines + ["```", ""])
+
+
+def pictures_section(runs: Sequence[Mapping[str, Any]], out_dir: Path) -> str:
+    """Links to the pictures of predictions each run folder holds (``pictures/``: written after evaluation
+    runs, more with ``tools/visualize RUN_DIR``), relative to the report's folder."""
+    lines: List[str] = []
+    for run in runs:
+        folder = Path(run.get("_path", "")).parent / PICTURES_DIR
+        pngs = sorted(folder.glob("*.png")) if folder.is_dir() else []
+        if not pngs:
+            continue
+        lines += ["", f"### {run_label(run)} ({run.get('model')} {run.get('mode')})", ""]
+        for png in pngs:
+            link = os.path.relpath(png, out_dir)
+            lines.append(f"![{png.stem}]({link})")
+    if not lines:
+        return ""
+    return "\n".join(["", "## Pictures of predictions"] + lines) + "\n"
+
+
 def _series(run: Mapping[str, Any], key: str) -> tuple:
     per = run.get("per_step") or {}
     steps, values = per.get("step") or [], per.get(key) or []
@@ -160,12 +190,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--all-references", action="store_true", help="list the references of every model")
     p.add_argument("--reference-table", action="store_true",
                    help="print the reference results table (README.md's) and exit")
+    p.add_argument("--gate", action="store_true",
+                   help="only judge each run's accuracy against its model's reference data (the 'reference' gate, "
+                        "or 'demo' for demo runs): PASS/FAIL with the tolerances used; exit 1 on FAIL")
     args = p.parse_args(argv)
     if args.reference_table:
         print(reference_table(), end="")
         return 0
     if not args.runs:
         p.error("name at least one results.json or run folder")
+    if args.gate:
+        return gate.main(args.runs)
     try:
         runs = [load_results(path) for path in args.runs]
     except (FileNotFoundError, ValueError) as e:
@@ -173,7 +208,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     out_dir = args.out or Path(runs[0]["_path"]).parent / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = markdown(runs, all_references=args.all_references)
+    text = markdown(runs, all_references=args.all_references) + gate_section(runs) + pictures_section(runs, out_dir)
     (out_dir / "report.md").write_text(text, encoding="utf-8")
     pngs = plot(runs, out_dir)
     print(text)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from bevkit.device import DEVICES
+from bevkit.errors import UserError
 from bevkit.registry import MODELS, MODES
 
 DEFAULT_NPROC = 8
@@ -16,10 +17,13 @@ DEFAULT_NPROC = 8
 DEFAULT_PERFORMANCE_STEPS = 600
 #: multi-node runs need one port known to every node; torchrun's conventional default
 MULTINODE_DEFAULT_PORT = 29500
+#: how the cluster shape is found: options / environment, or the SLURM_* variables (bevkit.launch.slurm)
+LAUNCHERS = ("local", "slurm")
 
 
-class LaunchError(Exception):
-    """A problem with the user's input or machine, reported as one clear message (exit code 2)."""
+class LaunchError(UserError):
+    """A problem with the user's input or machine, reported as one clear message (exit code 2, unless a
+    :class:`~bevkit.errors.UserError` subclass says otherwise)."""
 
 
 @dataclass(frozen=True)
@@ -40,9 +44,13 @@ class Request:
     master_port: Optional[int] = None     # None: a free port on one node, MULTINODE_DEFAULT_PORT with several
     work_dir: Optional[Path] = None       # None: <repo>/runs/<model>/<mode>
     config: Optional[Path] = None         # None: the model's config for the mode
-    checkpoint: Optional[Path] = None
+    checkpoint: Optional[Path] = None     # eval: weights to evaluate; training: weights to start from
+    resume: Optional[str] = None          # a run folder (absolute) or 'auto': continue that run's training
+    trust_checkpoint: bool = False        # unpickle checkpoints from anywhere (see bevkit.torch_load)
     max_steps: Optional[int] = None       # None: performance runs get the model's step count
     warmup_steps: Optional[int] = None    # None: the first 10% of the steps
+    launcher: Optional[str] = None        # None: 'slurm' inside a Slurm job task, else 'local'
+    flow: Optional[str] = None            # the flow this launch is a step of ('smoke', 'demo'; recorded in results)
     data_check: bool = True
     dry_run: bool = False
     extra: Tuple[str, ...] = ()           # after '--': the upstream entry point's arguments
@@ -53,9 +61,11 @@ class Request:
             mode=args.mode, model=args.model, spec_ref=args.spec, data_root=_abs(args.data_root),
             device=args.device, nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
             master_addr=args.master_addr, master_port=args.master_port, work_dir=_abs(args.work_dir),
-            config=_abs(args.config), checkpoint=_abs(args.checkpoint), max_steps=args.max_steps,
-            warmup_steps=args.warmup_steps, data_check=not args.no_data_check, dry_run=bool(args.dry_run),
-            extra=tuple(extra))
+            config=_abs(args.config), checkpoint=_abs(args.checkpoint),
+            resume=(args.resume if args.resume in (None, "auto") else str(_abs(Path(args.resume)))),
+            trust_checkpoint=bool(args.trust_checkpoint), max_steps=args.max_steps,
+            warmup_steps=args.warmup_steps, launcher=args.launcher, data_check=not args.no_data_check,
+            dry_run=bool(args.dry_run), extra=tuple(extra))
 
 
 def _abs(path: Optional[Path]) -> Optional[Path]:
@@ -73,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", required=True, choices=MODES,
                    help="full: train + evaluate; performance: train --max-steps steps (default: the model's, "
                         f"{DEFAULT_PERFORMANCE_STEPS} unless it says) for speed; eval: evaluate --checkpoint; "
-                        "smoke: tiny run")
+                        "smoke: tiny run on synthetic data; demo: a run that learns the synthetic data, then "
+                        "the demo's accuracy gate")
     p.add_argument("--data-root", type=Path,
                    help="nuScenes-format data root (default: $BEVKIT_DATA_ROOT or <repo>/data/nuscenes)")
     p.add_argument("--nproc", type=int, default=None,
@@ -86,13 +97,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master-port", type=int, default=None,
                    help="rendezvous port (default $MASTER_PORT; a free port on one node, "
                         f"{MULTINODE_DEFAULT_PORT} with several nodes - the same on every node)")
+    p.add_argument("--launcher", choices=LAUNCHERS, default=None,
+                   help="slurm: nodes, node rank and master address from the SLURM_* variables of an srun step "
+                        "(one task per node); local: from the options / environment. Default: slurm when "
+                        "SLURM_JOB_ID and SLURM_PROCID or SLURM_NODEID are set, else local")
     p.add_argument("--device", choices=DEVICES, default=None,
                    help="device type (default: detected without torch: npu-smi/CANN -> npu, "
                         "nvidia-smi -> cuda, else cpu; BEVKIT_PROFILE overrides)")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="folder that receives one new run folder per run (default <repo>/runs/<model>/<mode>)")
     p.add_argument("--config", type=Path, default=None, help="model config (default: the model's config for the mode)")
-    p.add_argument("--checkpoint", type=Path, default=None, help="weights to evaluate (eval mode) or start from")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="eval: the weights to evaluate; training: start a new training from these weights "
+                        "(fresh optimizer and counters); checked before anything starts")
+    p.add_argument("--resume", metavar="RUN_DIR|auto", default=None,
+                   help="continue the training of an earlier run folder from its newest checkpoint (counters, "
+                        "optimizer, scheduler, EMA, scaler, RNG) in a new run folder; 'auto': the newest run of "
+                        "this model and mode that did not finish. The earlier folder is only read")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a checkpoint that needs full unpickling (not weights_only) even from outside the "
+                        "run folders and DATA_ROOT/ckpts: only for files from a source you trust")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop training after N optimizer steps (sets BEVKIT_MAX_STEPS)")
     p.add_argument("--warmup-steps", type=int, default=None,

@@ -9,12 +9,13 @@ does not import torch.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import List, Optional
 
 from bevkit import REPO_ROOT, env
 from bevkit.checkpoints import RESNET50
-from bevkit.registry import LaunchRequest, ModelSpec, Upstream
+from bevkit.registry import CheckpointFormat, LaunchRequest, ModelSpec, Upstream
 
 UPSTREAM = Upstream(
     name="BEVDepth", model="bevdepth",
@@ -32,6 +33,13 @@ BATCH_PER_DEVICE = 8
 SMOKE_BATCH_PER_DEVICE = 2
 EPOCHS = 24
 SMOKE_EPOCHS = 12
+#: the demo (tools/launch --mode demo): until its experiment lands, the smoke one (bev_depth_tiny_demo.py then);
+#: epochs None leaves them to the experiment (run_cli's extra_trainer_config_args={'epochs': N})
+DEMO_EXP = SMOKE_EXP
+DEMO_EPOCHS: Optional[int] = SMOKE_EPOCHS
+DEMO_BATCH_PER_DEVICE = SMOKE_BATCH_PER_DEVICE
+#: modes that train, evaluate the final weights and stop (no separate evaluation launch)
+SELF_EVALUATING = ("smoke", "demo")
 
 
 def _passes(extra, *flags: str) -> bool:
@@ -45,13 +53,31 @@ def batch_per_device(request: LaunchRequest) -> int:
             return int(extra[i + 1])
         if arg.startswith("--batch_size_per_device="):
             return int(arg.split("=", 1)[1])
-    return SMOKE_BATCH_PER_DEVICE if request.mode == "smoke" else BATCH_PER_DEVICE
+    return {"smoke": SMOKE_BATCH_PER_DEVICE, "demo": DEMO_BATCH_PER_DEVICE}.get(request.mode, BATCH_PER_DEVICE)
 
 
 def checkpoints_under(folder: Path) -> List[Path]:
     """Lightning checkpoints below ``folder``, newest first."""
     found = [p for p in Path(folder).rglob("*.ckpt") if p.is_file()]
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def _step_of(path: Path) -> int:
+    m = re.search(r"step=(\d+)", path.name)
+    return int(m.group(1)) if m else -1
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest Lightning checkpoint of a run folder (highest step in ``epoch=E-step=S.ckpt``, then time)."""
+    found = checkpoints_under(run_dir)
+    return max(found, key=lambda p: (_step_of(p), p.stat().st_mtime)) if found else None
+
+
+#: What BEVDepth checkpoints look like (bevkit.checkpoint_check): Lightning's, the model under ``model.``.
+CHECKPOINT_FORMAT = CheckpointFormat(
+    title="BEVDepth", framework="lightning", modules=("backbone", "head"), key_prefix="model.",
+    allow_missing=("*.num_batches_tracked",), latest=latest_checkpoint,
+    files="epoch=E-step=S.ckpt of a BEVDepth run folder (lightning_logs/version_0/checkpoints/)")
 
 
 def latest_full_checkpoint(work_dir: Optional[Path] = None) -> Path:
@@ -69,7 +95,7 @@ def latest_full_checkpoint(work_dir: Optional[Path] = None) -> Path:
 
 def build_entry(request: LaunchRequest) -> List[str]:
     """argv of every rank: the kit runner, the experiment, then upstream/Lightning arguments."""
-    exp = request.config or REPO_ROOT / (SMOKE_EXP if request.mode == "smoke" else REFERENCE_EXP)
+    exp = request.config or REPO_ROOT / {"smoke": SMOKE_EXP, "demo": DEMO_EXP}.get(request.mode, REFERENCE_EXP)
     extra = list(request.extra_args)
     argv = [str(RUNNER), str(exp), "--device", request.device, "--data_root", str(request.data_root),
             "--default_root_dir", str(request.run_dir)]
@@ -80,12 +106,14 @@ def build_entry(request: LaunchRequest) -> List[str]:
         checkpoint = request.checkpoint or latest_full_checkpoint(Path(full_runs) if full_runs else None)
         argv += ["-e", "--ckpt_path", str(checkpoint)]
     else:
-        if request.checkpoint is not None:  # resume
-            argv += ["--ckpt_path", str(request.checkpoint)]
-        if not _passes(extra, "--max_epochs"):
-            epochs = {"full": EPOCHS, "performance": 1, "smoke": SMOKE_EPOCHS}[request.mode]
+        if request.resume is not None:  # Lightning restores counters, optimizer, scheduler, scaler; the kit RNG, EMA
+            argv += ["--ckpt_path", str(request.resume)]
+        elif request.checkpoint is not None:  # a new training from these weights
+            argv += ["--load_weights", str(request.checkpoint)]
+        epochs = {"full": EPOCHS, "performance": 1, "smoke": SMOKE_EPOCHS, "demo": DEMO_EPOCHS}[request.mode]
+        if epochs is not None and not _passes(extra, "--max_epochs"):
             argv += ["--max_epochs", str(epochs)]
-        if request.mode == "smoke":
+        if request.mode in SELF_EVALUATING:
             argv += ["--evaluate_after_fit"]
     return argv + extra
 
@@ -96,7 +124,8 @@ SPEC = ModelSpec(
     upstream=UPSTREAM,
     samples_per_device=BATCH_PER_DEVICE,
     build_entry=build_entry,
-    configs={"full": REFERENCE_EXP, "performance": REFERENCE_EXP, "eval": REFERENCE_EXP, "smoke": SMOKE_EXP},
+    configs={"full": REFERENCE_EXP, "performance": REFERENCE_EXP, "eval": REFERENCE_EXP, "smoke": SMOKE_EXP,
+             "demo": DEMO_EXP},
     samples_per_device_for=batch_per_device,
     smoke_prepare=("bevkit.models.bevdepth.prepare",),  # info files + offline depth ground truth
     # One epoch of nuScenes train at global batch 64 (28130 // 64), the DrivingSDK performance recipe.
@@ -107,5 +136,7 @@ SPEC = ModelSpec(
     metrics={"map": ("mAP", 100.0), "nds": ("NDS", 100.0), "mate": ("mATE", 1.0), "mase": ("mASE", 1.0),
              "maoe": ("mAOE", 1.0), "mave": ("mAVE", 1.0), "maae": ("mAAE", 1.0)},
     references="bevdepth/reference.json",
+    pictures="bevkit.models.bevdepth.pictures",
     checkpoints=((RESNET50, "img_backbone_conf.init_cfg (torchvision://resnet50)"),),
+    checkpoint_format=CHECKPOINT_FORMAT,
 )

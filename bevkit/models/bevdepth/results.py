@@ -2,7 +2,8 @@
 
 ``DetNuscEvaluator._evaluate_single`` is wrapped by the runtime patch 'evaluator_metrics'
 (:func:`record_on_evaluate`): upstream computes these numbers and drops them; the kit prints them and writes
-them (lower-case keys, devkit units) to ``$BEVKIT_RUN_DIR/metrics.json`` via :func:`bevkit.results.write_metrics`.
+them (lower-case keys, devkit units; ``per_class_ap``: {class: AP} as fractions) to ``$BEVKIT_RUN_DIR/metrics.json``
+via :func:`bevkit.results.write_metrics`.
 """
 from __future__ import annotations
 
@@ -25,6 +26,18 @@ def detection_metrics(detail: Mapping[str, Any]) -> Dict[str, float]:
     return metrics
 
 
+def per_class_ap(detail: Mapping[str, Any]) -> Dict[str, float]:
+    """{class: AP} from the detail's '<prefix>/<class>_AP_dist_<d>' keys: the mean over the matching distances,
+    which is the devkit's per-class AP (``mean_dist_aps``; its mAP is the mean of these)."""
+    by_class: Dict[str, list] = {}
+    for key, value in detail.items():
+        name = key.rsplit("/", 1)[-1]
+        cls, sep, _dist = name.partition("_AP_dist_")
+        if sep:
+            by_class.setdefault(cls, []).append(float(value))
+    return {cls: sum(aps) / len(aps) for cls, aps in by_class.items()}
+
+
 def record_on_evaluate(original):
     @functools.wraps(original)
     def _evaluate_single(self, result_path, *args, **kwargs):
@@ -33,7 +46,7 @@ def record_on_evaluate(original):
         log.get("bevdepth").info("metrics: " + ", ".join(f"{k}: {metrics[k]:.4f}" for k in METRIC_NAMES
                                                          if k in metrics))
         if env.get("BEVKIT_RUN_DIR"):
-            write_metrics({k.lower(): v for k, v in metrics.items()})
+            write_metrics(dict({k.lower(): v for k, v in metrics.items()}, per_class_ap=per_class_ap(detail)))
         return detail
 
     return _evaluate_single

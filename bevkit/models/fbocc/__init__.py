@@ -9,12 +9,13 @@ upstream code.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import List, Optional
 
 from bevkit import REPO_ROOT
 from bevkit.checkpoints import RESNET50, Checkpoint
-from bevkit.registry import LaunchRequest, ModelSpec, Upstream
+from bevkit.registry import CheckpointFormat, LaunchRequest, ModelSpec, Upstream
 
 UPSTREAM = Upstream(
     name="FB-BEV", model="fbocc",
@@ -30,17 +31,46 @@ CONFIGS = {
     "performance": "fbocc/configs/fbocc_r50_8p_performance.py",
     "eval": "fbocc/configs/fbocc_r50_8p.py",
     "smoke": "fbocc/configs/fbocc_tiny_smoke.py",
+    "demo": "fbocc/configs/fbocc_tiny_smoke.py",  # until the demo config lands: fbocc/configs/fbocc_tiny_demo.py
 }
 
-#: Batch per device of the kit's configs in each mode (the tiny smoke config trains with 1; tools/test.py
-#: always evaluates with 1 per device).
-SAMPLES_PER_DEVICE = {"full": 4, "performance": 4, "eval": 1, "smoke": 1}
+#: Batch per device of the kit's configs (the tiny smoke config trains with 1); any other config is read.
+#: tools/test.py always evaluates with 1 per device.
+CONFIG_SAMPLES_PER_DEVICE = {"fbocc/configs/fbocc_r50_8p.py": 4, "fbocc/configs/fbocc_r50_8p_performance.py": 4,
+                             "fbocc/configs/fbocc_tiny_smoke.py": 1}
+EVAL_SAMPLES_PER_DEVICE = 1
 
 #: The depth-pretrained weights the reference recipe starts from (``load_from``); no published checksum: its
 #: sha256 is recorded in the checkpoint folder's SHA256SUMS when first verified.
 DEPTH_PRETRAIN = Checkpoint(
     "r50_256x705_depth_pretrain.pth",
     "https://github.com/zhiqi-li/storage/releases/download/v1.0/r50_256x705_depth_pretrain.pth")
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest training checkpoint mmcv wrote into a run folder: the highest ``iter_N.pth`` (``epoch_N.pth``
+    for epoch-based configs); EMA files and the ``latest.pth`` link are not training checkpoints."""
+    numbered = []
+    for path in Path(run_dir).glob("*.pth"):
+        m = re.fullmatch(r"(iter|epoch)_(\d+)\.pth", path.name)
+        if m and path.is_file():
+            numbered.append((m.group(1) == "iter", int(m.group(2)), path))
+    return max(numbered)[2] if numbered else None
+
+
+#: What FB-OCC checkpoints look like (bevkit.checkpoint_check): mmcv's {meta, state_dict, optimizer}, the
+#: FBOCC detector's modules (the two history convolutions exist in every config with temporal fusion).
+CHECKPOINT_FORMAT = CheckpointFormat(
+    title="FB-OCC", framework="mmcv",
+    modules=("img_backbone", "img_neck", "depth_net", "forward_projection", "backward_projection",
+             "img_bev_encoder_backbone", "img_bev_encoder_neck", "occupancy_head"),
+    optional_modules=("history_keyframe_time_conv", "history_keyframe_cat_conv", "pts_bbox_head", "img_bev_encoder"),
+    allow_missing=("*.num_batches_tracked",),
+    # the focal loss's radial weight map: a constant of the grid, not learned; kit versions before issue 14
+    # saved it as a buffer
+    allow_unexpected=("occupancy_head.focal_loss.c",),
+    latest=latest_checkpoint, files="iter_N.pth (or latest.pth) of an FB-OCC run folder",
+)
 
 
 def config_for(request: LaunchRequest) -> Path:
@@ -65,6 +95,10 @@ def build_entry(request: LaunchRequest) -> List[str]:
     else:
         argv = ["tools/train.py", config, "--launcher", "pytorch", "--work-dir", str(request.run_dir),
                 "--seed", "0"]
+        if request.resume is not None:  # counters, optimizer, scaler, EMA, RNG (bevkit.models.fbocc.resume)
+            argv += ["--resume-from", str(request.resume)]
+        elif request.checkpoint is not None:  # a new training from these weights (mmcv's load_from)
+            options.append(f"load_from={request.checkpoint}")
     extra = list(request.extra_args)
     if "--cfg-options" in extra:  # merge the user's overrides into ours (argparse keeps only the last flag)
         at = extra.index("--cfg-options")
@@ -80,15 +114,20 @@ def build_entry(request: LaunchRequest) -> List[str]:
 
 def samples_per_device_for(request: LaunchRequest) -> int:
     """What the entry point will use: tools/test.py evaluates 1 sample per device; training uses the config's
-    ``data.samples_per_gpu`` (the kit's configs: :data:`SAMPLES_PER_DEVICE`; another config is loaded)."""
-    default = SAMPLES_PER_DEVICE[request.mode]
-    if request.mode == "eval" or request.config is None:
-        return default
-    config = Path(request.config)
-    if config == REPO_ROOT / CONFIGS[request.mode] or not config.is_file():
-        return default
+    ``data.samples_per_gpu`` (the kit's configs: :data:`CONFIG_SAMPLES_PER_DEVICE`; another config is read)."""
+    if request.mode == "eval":
+        return EVAL_SAMPLES_PER_DEVICE
+    config = config_for(request)
+    try:
+        known = CONFIG_SAMPLES_PER_DEVICE.get(config.resolve().relative_to(REPO_ROOT).as_posix())
+    except ValueError:  # outside the repository
+        known = None
+    if known is not None:
+        return known
+    if not config.is_file():  # refused by the plan (a dry run shows it): the reference batch meanwhile
+        return CONFIG_SAMPLES_PER_DEVICE[CONFIGS["full"]]
     found = _samples_per_gpu(config)
-    return found if found is not None else default
+    return found if found is not None else CONFIG_SAMPLES_PER_DEVICE[CONFIGS["full"]]
 
 
 def _samples_per_gpu(config: Path) -> Optional[int]:
@@ -104,7 +143,7 @@ SPEC = ModelSpec(
     name="fbocc",
     display_name="FBOCC",
     upstream=UPSTREAM,
-    samples_per_device=SAMPLES_PER_DEVICE["full"],
+    samples_per_device=CONFIG_SAMPLES_PER_DEVICE[CONFIGS["full"]],
     build_entry=build_entry,
     configs=dict(CONFIGS),
     samples_per_device_for=samples_per_device_for,
@@ -114,5 +153,7 @@ SPEC = ModelSpec(
     data_checks="bevkit.models.fbocc.data_check",
     metrics={"miou": ("mIoU", 1.0)},  # Occ3D mIoU in % (upstream's 'Overall')
     references="fbocc/reference.json",
+    pictures="bevkit.models.fbocc.pictures",
     checkpoints=((RESNET50, "model.img_backbone.pretrained"), (DEPTH_PRETRAIN, "load_from")),
+    checkpoint_format=CHECKPOINT_FORMAT,
 )

@@ -91,6 +91,7 @@ class FBOCCRuntime(ModelRuntime):
         install_spconv_shim()
 
     def finish(self, device: RunDevice) -> None:
+        import bevkit.models.fbocc.resume  # noqa: F401  (registers BevkitResumeHook with mmcv's HOOKS)
         import bevkit.timing.mmcv_hook  # noqa: F401  (registers BevkitTimingHook with mmcv's HOOKS)
 
         if device.kind == "npu":
