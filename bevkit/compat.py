@@ -148,6 +148,24 @@ def _ddp_run_forward(original):
     return _run_ddp_forward
 
 
+def _run_device_autocast(original):
+    """mmcv's ``autocast(enabled=...)`` (fp16) as the run device's autocast."""
+
+    def autocast(enabled: bool = True, dtype=None, **kwargs):
+        import torch
+
+        return run_device().autocast(enabled=enabled, dtype=dtype or torch.float16)
+
+    return autocast
+
+
+def _run_device_grad_scaler(original):
+    """mmcv's ``GradScaler(**loss_scale)`` as the run device's scaler."""
+
+    def grad_scaler(*args, **kwargs):
+        return run_device().grad_scaler(*args, **kwargs)
+
+    return grad_scaler
 def _torch_safe_load(original):
     from bevkit.torch_load import TorchWithSafeLoad
 
@@ -175,7 +193,7 @@ PATCHES = PatchSet("common", [
         name="mmcv-scatter-get-stream",
         target="mmcv.parallel._functions:_get_stream",
         build=_get_stream,
-        devices=("npu", "cuda"),
+        devices=("npu", "cuda"), on="memory",
         why="torch >= 2.1 changed torch.nn.parallel._functions._get_stream to take a torch.device; mmcv 1.x "
             "Scatter passes an int and fails with \"'int' object has no attribute 'type'\" when copying "
             "batches to the accelerator (CPU runs never copy, so the patch is accelerator-only)."),
@@ -186,6 +204,20 @@ PATCHES = PatchSet("common", [
         why="mmcv 1.7 reads DDP's _use_replicated_tensor_module, which torch 2.13 no longer has (the DrivingSDK "
             "port replaces this method on torch 2.1 too): distributed evaluation (model(return_loss=False) under "
             "DDP) fails with AttributeError. Same behaviour, attribute read only when present."),
+    RuntimePatch(
+        name="mmcv-fp16-autocast-emulated",
+        target="mmcv.runner.fp16_utils:autocast",
+        build=_run_device_autocast,
+        devices=("cuda",), on="emulation",
+        why="emulated cuda only: mmcv's auto_fp16/force_fp32 use torch.cuda.amp.autocast, which turns itself off "
+            "without CUDA; the run device's autocast is fp16 autocast on the CPU tensors standing in."),
+    RuntimePatch(
+        name="mmcv-fp16-grad-scaler-emulated",
+        target="mmcv.runner.hooks.optimizer:GradScaler",
+        build=_run_device_grad_scaler,
+        devices=("cuda",), on="emulation",
+        why="emulated cuda only: mmcv's Fp16OptimizerHook builds torch.cuda.amp.GradScaler, which disables itself "
+            "without CUDA; the run device's scaler (torch's CPU GradScaler) scales the loss as on the GPU."),
     RuntimePatch(
         name="mmcv-checkpoint-weights-only",
         target="mmcv.runner.checkpoint:torch",

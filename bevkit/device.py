@@ -226,12 +226,39 @@ class RunDevice:
             getattr(torch, self.memory).set_rng_state(state.cpu())
 
     def autocast(self, enabled: bool = True, dtype=None):
-        """torch.autocast for this device; on CPU the upstream 'fp16' means bfloat16 (no fp16 CPU autocast)."""
+        """torch.autocast for this device; on CPU the upstream 'fp16' means bfloat16 (no fp16 CPU autocast). An
+        emulated device gets its own autocast on the CPU tensors (:class:`bevkit.emulation.EmulatedAutocast`: fp16
+        by default, the device's float32 op rules)."""
         import torch
 
+        if self.emulated:
+            from bevkit.emulation import EmulatedAutocast
+
+            return EmulatedAutocast(enabled=enabled, dtype=dtype or torch.float16)
         if self.memory == "cpu" and dtype is None:
             dtype = torch.bfloat16
         return torch.autocast(device_type=self.memory, enabled=enabled, dtype=dtype)
+
+    def grad_scaler(self, *args, **kwargs):
+        """The device's dynamic loss scaler for fp16 AMP: torch_npu's on NPU, torch's CUDA one on CUDA, None on CPU
+        (bf16 needs none). Emulated devices keep the device's API where it runs on CPU tensors (the fake
+        torch_npu's scaler) and otherwise get torch's CPU GradScaler: torch's CUDA scaler disables itself on a
+        machine without CUDA, and the point of an emulated run is that the loss is scaled as on the device."""
+        import torch
+
+        if self.kind == "npu":
+            import torch_npu
+
+            return torch_npu.npu.amp.GradScaler(*args, **kwargs)
+        if self.kind == "cuda":
+            memory = "cpu" if self.emulated else "cuda"
+            if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
+                return torch.amp.GradScaler(memory, *args, **kwargs)
+            if memory == "cuda":
+                return torch.cuda.amp.GradScaler(*args, **kwargs)
+            raise RuntimeError(f"torch {torch.__version__} has no CPU GradScaler for an emulated cuda run "
+                               "(torch >= 2.3 has)")
+        return None
 
     @contextlib.contextmanager
     def autocast_off(self) -> Iterator[None]:

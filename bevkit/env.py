@@ -61,7 +61,8 @@ VARIABLES: Tuple[Var, ...] = (
     Var("BEVKIT_DISABLE_PATCHES", "user", "-",
         "comma-separated runtime patch names to leave out (A/B measurements; both models)"),
     Var("BEVKIT_EMULATE_DEVICE", "user (tests)", "-",
-        "treat CPU tensors as this device type (tests with the fake torch_npu / mx_driving)"),
+        "npu or cuda, equal to --device: an emulated device lane (CPU tensors, the device's path with the test "
+        "fakes; see \"Emulated device lanes\")"),
     Var("BEVKIT_NPU_OP_LIMITS", "user", "documented",
         "mx_driving limits the NPU ops keep: documented (split/pad to DrivingSDK's documented limits) or port "
         "(one call, no padding, as the DrivingSDK ports; compare with tools/npu_ab)"),

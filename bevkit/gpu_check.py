@@ -329,8 +329,9 @@ fp16 = dict(loss_scale='dynamic')
 optimizer_config = dict(grad_clip=dict(max_norm=5, norm_type=2))
 """
 
-#: Evidence in train.log that the intended CUDA path ran (mmcv's hook list; Lightning's AMP banner).
-MODEL_EVIDENCE = {"fbocc": ("Fp16OptimizerHook",), "bevdepth": ("16bit",)}
+#: Evidence in train.log that the intended CUDA path ran (mmcv's hook list; the kit's precision plugin, which
+#: unscales before clipping for the fused AdamW the kit builds on CUDA: bevkit.lightning_amp).
+MODEL_EVIDENCE = {"fbocc": ("Fp16OptimizerHook",), "bevdepth": ("mixed precision 16 on cuda: autocast on cuda",)}
 
 
 def model_phase(model: str, steps: Optional[int], work_dir: Path, data_root: Optional[Path],

@@ -7,10 +7,12 @@ Nothing in the installed Lightning is edited (the DrivingSDK port patched site-p
   ``accelerator='npu'`` too.
 - :class:`NPUDDPStrategy`: Lightning's DDP strategy with the ``hccl`` process-group backend (the default
   picks gloo for any non-CUDA device). :class:`SingleNPUStrategy` for one device.
-- :class:`NPUMixedPrecisionPlugin`: Lightning's native mixed precision with ``torch.autocast('npu')`` and
-  torch_npu's GradScaler (Lightning's own would create ``torch.cuda.amp.GradScaler``).
+- :class:`NPUMixedPrecisionPlugin`: the kit's mixed precision (:mod:`bevkit.lightning_amp`) with
+  ``torch.autocast('npu')`` and torch_npu's GradScaler (Lightning's own would create ``torch.cuda.amp.GradScaler``).
 
-``torch_npu`` is imported lazily, so this module imports anywhere (tests use a fake torch_npu).
+``torch_npu`` is imported lazily, so this module imports anywhere (tests use a fake torch_npu). On an emulated
+NPU (CPU tensors standing in, :mod:`bevkit.device`) the accelerator places the model on the CPU and still binds the
+(fake) NPU of the process.
 """
 from __future__ import annotations
 
@@ -19,12 +21,14 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 from bevkit.compat import prepare_imports
+from bevkit.device import RunDevice
 
 prepare_imports()  # Lightning imports torchvision (through torchmetrics)
 
 from pytorch_lightning.accelerators import Accelerator, AcceleratorRegistry  # noqa: E402
-from pytorch_lightning.plugins.precision import MixedPrecisionPlugin  # noqa: E402
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy  # noqa: E402
+
+from bevkit.lightning_amp import DeviceMixedPrecisionPlugin  # noqa: E402
 
 
 def _torch_npu():
@@ -37,10 +41,11 @@ class NPUAccelerator(Accelerator):
     """Accelerator for Ascend NPUs (``torch.npu`` from torch_npu)."""
 
     def setup_device(self, device: torch.device) -> None:
-        if device.type != "npu":
-            raise ValueError(f"NPUAccelerator got device {device}; expected an 'npu' device")
+        run = RunDevice.of("npu")
+        if device.type != run.memory:
+            raise ValueError(f"NPUAccelerator got device {device}; expected an '{run.memory}' device")
         _torch_npu()
-        torch.npu.set_device(device)  # type: ignore[attr-defined]
+        torch.npu.set_device(run.local_rank if run.emulated else device)  # type: ignore[attr-defined]
 
     def get_device_stats(self, device: Union[str, torch.device]) -> Dict[str, Any]:
         _torch_npu()
@@ -70,6 +75,8 @@ class NPUAccelerator(Accelerator):
 
     @staticmethod
     def get_parallel_devices(devices: List[int]) -> List[torch.device]:
+        if RunDevice.of("npu").emulated:  # CPU tensors stand in for NPU ones
+            return [torch.device("cpu") for _ in devices]
         return [torch.device("npu", i) for i in devices]
 
     @staticmethod
@@ -109,15 +116,12 @@ class SingleNPUStrategy(SingleDeviceStrategy):
         super().__init__(device=device, **kwargs)
 
 
-class NPUMixedPrecisionPlugin(MixedPrecisionPlugin):
-    """fp16 autocast on 'npu' with torch_npu's dynamic loss scaler (bf16 without a scaler)."""
+class NPUMixedPrecisionPlugin(DeviceMixedPrecisionPlugin):
+    """fp16 autocast on 'npu' with torch_npu's dynamic loss scaler (bf16 without a scaler); gradients unscaled
+    before clipping (see :mod:`bevkit.lightning_amp`)."""
 
     def __init__(self, precision: Union[str, int] = "16", scaler: Any = None) -> None:
-        precision = str(precision)
-        if scaler is None and precision == "16":
-            torch_npu = _torch_npu()
-            scaler = torch_npu.npu.amp.GradScaler()
-        super().__init__(precision, device="npu", scaler=scaler)
+        super().__init__(precision, device=RunDevice.of("npu"), scaler=scaler)
 
 
 def register() -> None:

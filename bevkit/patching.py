@@ -15,8 +15,11 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from bevkit.device import DEVICES
+from bevkit.device import DEVICES, RunDevice
 from bevkit.registry import all_specs
+
+#: what of the run's device a patch's ``devices`` are matched against (RuntimePatch.on)
+ON = ("device", "memory", "emulation")
 
 #: Every patch set of the kit, by name -> "module:attribute" of a PatchSet (imported lazily, because
 #: model patch modules import torch and upstream code).
@@ -45,8 +48,17 @@ class RuntimePatch:
 
     ``build(original) -> replacement``; ``check(original) -> bool`` optionally verifies the target is
     the code the patch was written for (e.g. a function still has the expected parameters).
-    ``devices`` limits the patch to runs on those device types; ``enabled() -> bool``, when given, makes the patch
-    opt-in (asked once, when the set is applied; e.g. an environment switch that is off by default).
+    ``devices`` limits the patch to runs on those device types; ``on`` says what of the run's
+    :class:`~bevkit.device.RunDevice` is matched against them:
+
+    - ``"device"``: the device type (operators, numerics, precision: what the device does);
+    - ``"memory"``: where tensors live (upstream's hard-coded ``.cuda()``, ``device='cuda'``, CUDA-only autocast:
+      an emulated device keeps its tensors on the CPU, so it needs these where a real one would not);
+    - ``"emulation"``: only on an emulated device of those types (what a CPU cannot do the device's way, e.g.
+      torch's CUDA loss scaler; README lists each).
+
+    ``enabled() -> bool``, when given, makes the patch opt-in (asked once, when the set is applied; e.g. an
+    environment switch that is off by default).
     """
 
     name: str
@@ -55,6 +67,7 @@ class RuntimePatch:
     why: str
     devices: Tuple[str, ...] = DEVICES
     check: Optional[Callable[[Any], bool]] = None
+    on: str = "device"
     enabled: Optional[Callable[[], bool]] = None
 
     def __post_init__(self):
@@ -62,9 +75,18 @@ class RuntimePatch:
         unknown = set(self.devices) - set(DEVICES)
         if unknown:
             raise ValueError(f"patch {self.name}: unknown devices {sorted(unknown)}")
+        if self.on not in ON:
+            raise ValueError(f"patch {self.name}: on={self.on!r}; use one of {', '.join(ON)}")
 
-    def applies_to(self, device: str) -> bool:
-        return device in self.devices and (self.enabled is None or bool(self.enabled()))
+    def applies_to(self, device: "str | RunDevice") -> bool:
+        run = RunDevice.of(device)
+        if self.on == "memory":
+            matched = run.memory in self.devices
+        elif self.on == "emulation":
+            matched = run.emulated and run.kind in self.devices
+        else:
+            matched = run.kind in self.devices
+        return matched and (self.enabled is None or bool(self.enabled()))
 
     def resolve(self) -> Tuple[Any, str, Any]:
         """(owner object, attribute name, original value); raises PatchTargetMissing."""
@@ -117,8 +139,9 @@ class PatchSet:
     def applied(self) -> List[str]:
         return [p.name for p, *_ in self._applied]
 
-    def apply(self, device: str, disable: Sequence[str] = ()) -> List[str]:
-        """Apply the patches for ``device`` (minus ``disable``); all targets are resolved first."""
+    def apply(self, device: "str | RunDevice", disable: Sequence[str] = ()) -> List[str]:
+        """Apply the patches for ``device`` (a RunDevice, or a device type with the emulation as currently set;
+        minus ``disable``); all targets are resolved first."""
         if self._applied:
             raise RuntimeError(f"patch set {self.name} is already applied ({', '.join(self.applied)})")
         unknown = set(disable) - {p.name for p in self.patches}
@@ -146,7 +169,8 @@ class PatchSet:
 
     def describe(self) -> List[Dict[str, str]]:
         return [{"set": self.name, "name": p.name, "target": p.target,
-                 "devices": ",".join(p.devices) + (" (opt-in)" if p.enabled else ""), "why": p.why}
+                 "devices": ",".join(p.devices) + ("" if p.on == "device" else f" ({p.on})")
+                 + (" (opt-in)" if p.enabled else ""), "why": p.why}
                 for p in self.patches]
 
 
@@ -175,7 +199,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             status = 1
             continue
         for row in rows:
-            print(f"[{row['set']}] {row['name']:<40} {row['devices']:<14} {row['target']}\n    {row['why']}")
+            print(f"[{row['set']}] {row['name']:<40} {row['devices']:<24} {row['target']}\n    {row['why']}")
     return status
 
 

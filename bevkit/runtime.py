@@ -88,7 +88,7 @@ class ModelRuntime:
                     applied[patch_set.name] = patch_set.applied
                     continue
                 names = {p.name for p in patch_set.patches}
-                applied[patch_set.name] = patch_set.apply(run.kind, disable=[n for n in disable if n in names])
+                applied[patch_set.name] = patch_set.apply(run, disable=[n for n in disable if n in names])
                 self._owned.append(patch_set.name)
             self.finish(run)
         except BaseException:

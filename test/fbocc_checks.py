@@ -774,10 +774,14 @@ def fake_npu_step():
     convs = [type(m).__name__ for m in model.img_bev_encoder_backbone.modules()
              if type(m).__name__ == "StridedPointwiseConv3d"]
     ops_called = sorted({name for name, _ in mx_driving.CALLS})
+    blockers = [f for f in sys.meta_path if type(f).__name__ == "ProfileImportBlocker"]
     return {"applied": applied, "losses": results, "ops_called": ops_called, "train_ops": train_ops,
             "strided_convs": len(convs), "stem_pool": type(model.img_backbone.maxpool).__name__,
             "add_relu_calls": len(mx_driving.calls("npu_add_relu")), "counts": counts,
-            "finite": all(math.isfinite(v) for r in results for v in r.values())}
+            "finite": all(math.isfinite(v) for r in results for v in r.values()),
+            "profile": blockers[0].profile if blockers else None,
+            "spconv_refused": blockers[0].why_refused("spconv") if blockers else None,
+            "spconv_shim": bool(getattr(sys.modules.get("spconv"), "__bevkit_spconv_shim__", False))}
 
 
 def main(argv):

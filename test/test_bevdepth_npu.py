@@ -144,7 +144,10 @@ def test_single_npu_and_cpu_cuda_setups(fake_npu, monkeypatch):
     with pytest.warns(UserWarning, match="bf16"):
         assert trainer_setup("cpu", _cli_args(precision="16"))["precision"] == "bf16"
     cuda = trainer_setup("cuda", _cli_args(devices=8))
-    assert cuda["accelerator"] == "gpu" and cuda["precision"] == 16
+    assert cuda["accelerator"] == "gpu" and cuda["precision"] == 32  # fp16 AMP is the kit's plugin
+    (amp,) = cuda["plugins"]
+    assert type(amp).__name__ == "DeviceMixedPrecisionPlugin" and amp.device == "cuda" and amp.precision == "16"
+    assert cuda["strategy"].process_group_backend == "nccl"
 
 
 def test_voxel_pooling_is_decided_by_bevkit_ops_even_on_cuda(monkeypatch):

@@ -151,12 +151,18 @@ def test_full_size_model_forward(fbbev_checkout, tmp_path):
 
 
 def test_fake_npu_step(fbbev_checkout, tmp_path):
-    """NPU code path on CPU: emulated device + fake mx_driving (checks each op's documented contract)."""
-    res = run_checks(fbbev_checkout, ["fake_npu_step"], tmp_path, BEVKIT_EMULATE_DEVICE="npu",
-                     BEVKIT_DEVICE="npu")["fake_npu_step"]
+    """NPU code path on CPU: activation and a training step on the emulated device with the fake mx_driving
+    (checks each op's documented contract) and only what the npu profile installs (the lanes' package set,
+    test/fakes/sitecustomize.py): no spconv, which FB-BEV imports unconditionally. Before the spconv shim was wired
+    into the activation it failed: PatchTargetMissing: runtime patch 'fbocc-sync-bn-policy': cannot import module
+    'mmdet3d.models' (ModuleNotFoundError: No module named 'spconv' on the npu profile ...)."""
+    fakes = REPO / "test" / "fakes"
+    res = run_checks(fbbev_checkout, ["fake_npu_step"], tmp_path, BEVKIT_EMULATE_DEVICE="npu", BEVKIT_DEVICE="npu",
+                     PYTHONPATH=os.pathsep.join([str(fakes), str(REPO)]))["fake_npu_step"]
     assert res["ok"], res.get("traceback")
     f = res["facts"]
-    assert f["finite"]
+    assert f["profile"] == "npu" and "spconv" in f["spconv_refused"]  # the cpu environment's spconv is out of reach
+    assert f["spconv_shim"] and f["finite"]  # FB-BEV's spconv.pytorch imports are mx_driving's sparse modules
     assert {"fbocc-lidar-coor-rank6", "fbocc-point-sampling-rank6", "fbocc-conv3d-shortcut-stride"} <= \
         set(f["applied"]["fbocc"])
     assert f["strided_convs"] == 2  # the two stride-2 shortcut convs of the 3-D ResNet

@@ -79,7 +79,10 @@ def test_model_check_reads_the_run(tmp_path):
     assert "fp16 = dict(loss_scale='dynamic')" in cfg and "max_norm=5" in cfg and "fbocc_tiny_smoke.py" in cfg
     launch, _ = _fake_launch(tmp_path, "no amp banner here\n")
     res = gpu_check.model_phase("bevdepth", None, tmp_path / "w", None, launch=launch)
-    assert not res["pass"] and "16bit" in res["detail"]
-    launch, _ = _fake_launch(tmp_path, "Using 16bit native Automatic Mixed Precision (AMP)\n", exit_code=1,
+    assert not res["pass"] and "mixed precision 16 on cuda" in res["detail"]
+    banner = "[bevkit amp] mixed precision 16 on cuda: autocast on cuda, GradScaler loss scaler, ...\n"
+    launch, _ = _fake_launch(tmp_path, banner)
+    assert gpu_check.model_phase("bevdepth", None, tmp_path / "w", None, launch=launch)["pass"]
+    launch, _ = _fake_launch(tmp_path, banner, exit_code=1,
                              losses=(3.0, float("nan")))
     assert not gpu_check.model_phase("bevdepth", None, tmp_path / "w", None, launch=launch)["pass"]

@@ -117,6 +117,28 @@ def test_bev_pool_v2_half_inputs_are_computed_in_float32():
     torch.testing.assert_close(out.double(), ref, **sum_tolerance(F32, n_terms=40, magnitude=1.0))
 
 
+@pytest.mark.parametrize("lower", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("strategy", ["csr", "chunked"])
+def test_bev_pool_v2_is_not_autocast(strategy, lower, monkeypatch):
+    """A pooling kernel sums in its inputs' dtype: under the caller's CPU autocast (bf16 on CPU runs, fp16 on an
+    emulated device) the portable op gives the float32 result and gradients, not lowered (nor, for the sparse CSR
+    product, which has no CPU fp16/bf16 kernel, an error)."""
+    if strategy == "chunked":
+        monkeypatch.setattr(bev_pool_mod, "csr_supported", lambda t: False)
+    depth, feat, rd, rf, rb, shape = random_bev_case(8)
+    depth, feat = depth.float(), feat.float()
+    grad = torch.randn(2, 5, 2, 3, 4, generator=_gen(3))
+    results = []
+    for autocast in (False, True):
+        d, f = depth.clone().requires_grad_(), feat.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=lower, enabled=autocast):
+            out = ops.bev_pool_v2(d, f, rd, rf, rb, shape, *ops.compute_intervals(rb))
+        results.append((out, *torch.autograd.grad(out, (d, f), grad)))
+    assert results[1][0].dtype == torch.float32
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("strategy", ["csr", "chunked"])
 def test_bev_pool_v2_gradcheck(strategy, monkeypatch):
     monkeypatch.setattr(_scatter, "BLOCK_ELEMENTS", 6)

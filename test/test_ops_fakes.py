@@ -92,6 +92,22 @@ def test_parameter_with_a_late_first_gradient_fails_like_the_real_one(npu_optim)
         opt.step()
 
 
+def test_combining_between_forward_and_backward_keeps_the_graph(npu_optim):
+    """Lightning's closure runs forward, zero_grad, backward; when the loss scaler skipped the first step (inf
+    gradients at the initial scale), that zero_grad is the first with gradients and combines them. The real
+    optimizer re-points data (npu_change_data_ptr) without bumping autograd's version counter, so the graph of
+    the forward just run stays valid (found by the emulated npu lane: 'modified by an inplace operation')."""
+    model = _model()
+    opt = npu_optim.NpuFusedAdamW(model.parameters(), lr=1e-2)
+    _backward(model)  # first step's gradients; its optimizer step skipped
+    g = torch.Generator().manual_seed(2)
+    loss = model(torch.randn(5, 4, generator=g)).pow(2).sum()
+    opt.zero_grad()  # combines parameters and gradients
+    loss.backward()
+    assert opt.is_params_grads_combined and all(p.grad.any() for p in model.parameters())
+    opt.step()
+
+
 def test_update_is_adamw(npu_optim):
     fused, plain = _model(), _model()
     opt_f = npu_optim.NpuFusedAdamW(fused.parameters(), lr=1e-2, weight_decay=1e-2)

@@ -129,6 +129,7 @@ def test_mmcv_hook_records_and_stops_an_iter_based_runner(tmp_path, monkeypatch)
     runner = mmcv_runner.IterBasedRunner(model, optimizer=optimizer, work_dir=str(tmp_path / "work"),
                                          logger=logging.getLogger("test_mmcv_hook"), max_iters=50)
     runner.register_optimizer_hook(mmcv_runner.OptimizerHook())
+    runner.register_checkpoint_hook(dict(interval=50, by_epoch=False))  # first, as in register_training_hooks
     after_run = []
 
     class AfterRun(mmcv_runner.Hook):
@@ -139,6 +140,8 @@ def test_mmcv_hook_records_and_stops_an_iter_based_runner(tmp_path, monkeypatch)
     runner.register_hook(BevkitTimingHook())
     runner.run([loader], [("train", 1)])
     assert runner.iter == 7 and after_run == [7]  # stopped cleanly, after_run hooks ran
+    # every hook saw step 7 as the last: the checkpoint hook saved it (a smoke run evaluates latest.pth)
+    assert (tmp_path / "work" / "iter_7.pth").is_file() and (tmp_path / "work" / "latest.pth").exists()
     records = read_steps(tmp_path / STEPS_FILE)
     assert [r["step"] for r in records] == list(range(1, 8)) and [r["iter"] for r in records] == list(range(1, 8))
     assert all(r["time_s"] > 0 and r["lr"] == pytest.approx(0.01) and r["samples"] == 2 for r in records)

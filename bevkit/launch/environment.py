@@ -3,6 +3,12 @@ on NPU, thread counts on CPU, PYTHONPATH, and the launcher -> process contract o
 
 The user's own environment wins over the settings files; launcher settings (``BEVKIT_*`` keys of a settings
 file) are not passed on.
+
+An emulated device (an emulated device lane: CPU tensors standing in for NPU / CUDA ones, README "Emulated device
+lanes") gets the device's settings file; what differs: no CANN is sourced (the fakes stand in for the Ascend
+stack), threads are split as for CPU runs (the work runs on the CPU), and the test fakes folder
+(:data:`FAKES`) leads PYTHONPATH: its ``sitecustomize`` sets up the lane in every process (the profile's package
+set, stand-ins for the compiled kernels, records of the device API calls).
 """
 from __future__ import annotations
 
@@ -14,9 +20,12 @@ from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional
 
 from bevkit import REPO_ROOT
+from bevkit.device import RunDevice
 from bevkit.launch.request import LaunchError
 
 ENV_DIR = REPO_ROOT / "configs" / "env"
+#: the fakes of torch_npu / mx_driving / the compiled kernels and the lanes' sitecustomize (only in emulated runs)
+FAKES = REPO_ROOT / "test" / "fakes"
 
 _VAR = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}|\$(\w+)")
 
@@ -110,20 +119,29 @@ class Environment:
     cann_set_env: Optional[Path] = None
 
 
-def build(*, environ: Mapping[str, str], device: str, nproc: int, cores: int, pythonpath: List[Path],
+def build(*, environ: Mapping[str, str], device, nproc: int, cores: int, pythonpath: List[Path],
           contract: Mapping[str, Optional[str]], refuse: Callable[[str], None], notes: List[str],
           source: Callable[[Path, Mapping[str, str]], Dict[str, str]] = None) -> Environment:
-    """The training processes' environment: CANN, then the device file (the user's environment wins), then
-    the launcher's ``contract`` (BEVKIT_* -> value; None removes an inherited value)."""
+    """The training processes' environment for ``device`` (a RunDevice or a device type): CANN, then the device
+    file (the user's environment wins), then the launcher's ``contract`` (BEVKIT_* -> value; None removes an
+    inherited value)."""
     source = source or source_env_script
+    run = device if isinstance(device, RunDevice) else RunDevice(device)
     env = dict(environ)
     env_files: List[str] = []
     cann: Optional[Path] = None
-    env_file = ENV_DIR / f"{device}.env"
+    env_file = ENV_DIR / f"{run.kind}.env"
     file_values = read_env_file(env_file, env) if env_file.is_file() else {}
     if env_file.is_file():
         env_files.append(str(env_file.relative_to(REPO_ROOT)))
-    if device == "npu":
+    lane: List[str] = []
+    if run.emulated:
+        if not (FAKES / "sitecustomize.py").is_file():
+            refuse(f"an emulated {run.kind} run needs the test fakes of a kit checkout ({FAKES} is missing)")
+        lane = [str(FAKES)]
+        notes.append(f"emulated {run.kind}: CPU tensors over gloo, the fakes in {FAKES} stand in for the "
+                     f"{run.kind} stack" + (" (CANN not sourced)" if run.kind == "npu" else ""))
+    elif run.kind == "npu":
         cann = find_cann_set_env(env, file_values)
         if cann is not None:
             env = source(cann, env)
@@ -138,10 +156,10 @@ def build(*, environ: Mapping[str, str], device: str, nproc: int, cores: int, py
             continue  # launcher settings, not for the training processes
         if key not in environ:
             env[key] = value
-    if device == "cpu" and "OMP_NUM_THREADS" not in environ:
+    if run.memory == "cpu" and "OMP_NUM_THREADS" not in environ:
         env["OMP_NUM_THREADS"] = str(max(1, cores // nproc))
     env.setdefault("PYTHONUNBUFFERED", "1")  # stream rank output into the tee as it happens
-    env["PYTHONPATH"] = _join_paths(*[str(p) for p in pythonpath], str(REPO_ROOT), env.get("PYTHONPATH"))
+    env["PYTHONPATH"] = _join_paths(*lane, *[str(p) for p in pythonpath], str(REPO_ROOT), env.get("PYTHONPATH"))
     for key, value in contract.items():
         if value is None:
             env.pop(key, None)  # e.g. an exported BEVKIT_MAX_STEPS must not cut a full run short

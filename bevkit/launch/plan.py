@@ -323,15 +323,19 @@ def plan(request: Request, machine: Machine, spec: Optional[ModelSpec] = None,
         raise LaunchError(f"model spec {spec.name!r} returned an empty entry point")
 
     # --- environment
+    # An emulated device (BEVKIT_EMULATE_DEVICE = --device, tests): CPU tensors stand in for the device's
+    # (environment.build says what changes); the variable is passed on only then.
+    run = RunDevice(device, emulated=environ.get("BEVKIT_EMULATE_DEVICE") == device != "cpu")
     contract = {"BEVKIT_RUN_DIR": str(run_dir), "BEVKIT_MODEL": spec.name, "BEVKIT_MODE": mode,
                 "BEVKIT_DEVICE": device, "BEVKIT_DATA_ROOT": str(data_root),
                 "BEVKIT_SAMPLES_PER_DEVICE": str(batch),
                 "BEVKIT_MAX_STEPS": str(max_steps) if max_steps is not None else None,
+                "BEVKIT_EMULATE_DEVICE": device if run.emulated else None,
                 # the checkpoint the launcher checked: the training process compares it with the built model
                 "BEVKIT_CHECKPOINT": str(checked[0]) if checked else None,
                 "BEVKIT_TRUST_CHECKPOINT": "1" if request.trust_checkpoint or
                 environ.get("BEVKIT_TRUST_CHECKPOINT") == "1" else None}
-    env = environment.build(environ=environ, device=device, nproc=nproc, cores=machine.cores,
+    env = environment.build(environ=environ, device=run, nproc=nproc, cores=machine.cores,
                             pythonpath=upstream_path, contract=contract, refuse=refuse, notes=notes,
                             source=machine.source)
 
@@ -339,15 +343,14 @@ def plan(request: Request, machine: Machine, spec: Optional[ModelSpec] = None,
             f"--nnodes={nnodes}", f"--nproc_per_node={nproc}", f"--node_rank={node_rank}",
             f"--master_addr={master_addr}", f"--master_port={port}", "-m", WORKER] + entry
     cwd = checkout if checkout is not None and checkout.is_dir() else REPO_ROOT
-    backend = RunDevice(device, emulated=environ.get("BEVKIT_EMULATE_DEVICE") == device != "cpu")
     try:
         limits = op_limits.describe(env.env)
     except ValueError as e:
         raise LaunchError(str(e)) from None
     if device == "npu":
         notes.append(limits)
-    notes.insert(0, f"{spec.name} {mode}: {nnodes} node(s) x {nproc} {device} process(es) "
-                    f"({backend.dist_backend}), batch {batch}/device, global batch {batch * nproc * nnodes}")
+    notes.insert(0, f"{spec.name} {mode}: {nnodes} node(s) x {nproc} {device}{' (emulated)' if run.emulated else ''} "
+                    f"process(es) ({run.dist_backend}), batch {batch}/device, global batch {batch * nproc * nnodes}")
     return Plan(spec=spec, request=launch_request, argv=argv, env=env.env, env_set=env.env_set,
                 env_unset=env.env_unset, cwd=cwd, work_dir=work_dir, node_rank=node_rank, master_addr=master_addr,
                 master_port=port, batch_per_device=batch, launch=request, launcher="slurm" if shape else "local",

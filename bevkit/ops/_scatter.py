@@ -96,6 +96,13 @@ class WeightedScatter(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, vals, dense, dst, src, batch: int, cells: int, order: Optional[str]):
+        # a pooling kernel computes in its inputs' dtype: the caller's autocast must not lower (or, for the sparse
+        # CSR product on the CPU, break: no fp16/bf16 kernel) the products inside
+        with torch.autocast(dense.device.type, enabled=False):
+            return WeightedScatter._forward(ctx, vals, dense, dst, src, batch, cells, order)
+
+    @staticmethod
+    def _forward(ctx, vals, dense, dst, src, batch: int, cells: int, order: Optional[str]):
         n_out, n_src, c = batch * cells, dense.shape[0], dense.shape[1]
         use_csr = order in ("dst", "src") and csr_supported(dense) and vals.dtype == dense.dtype
         ctx.shape, ctx.use_csr, ctx.order = (batch, cells, c), use_csr, order
@@ -124,6 +131,11 @@ class WeightedScatter(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return WeightedScatter._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         vals, dense, dst, src = ctx.saved_tensors
         batch, cells, c = ctx.shape
         n_out = batch * cells

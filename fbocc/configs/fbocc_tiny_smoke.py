@@ -89,4 +89,5 @@ custom_hooks = [
     dict(type='SequentialControlHook', temporal_start_iter=temporal_start_iter),
 ]
 load_from = None
-fp16 = None
+# fp16: the reference recipe's (loss_scale='dynamic', mmcv's Fp16OptimizerHook) on NPU/CUDA; off on CPU (the kit's
+# device policy), so smoke runs on a device take its AMP path with gradient clipping (max_norm 5).

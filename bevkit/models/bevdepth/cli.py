@@ -9,8 +9,9 @@ device:
   ``$BEVKIT_DEVICE``, else the best available), resolved once when the kit was activated. Devices per node
   come from torchrun (``LOCAL_WORLD_SIZE``) unless ``--devices``/``--gpus`` say otherwise.
 - NPU: :mod:`bevkit.lightning_npu` (accelerator, DDP over hccl, NPU AMP + torch_npu grad scaler).
-  CUDA: Lightning's own GPU accelerator, DDP over nccl, native AMP. CPU: DDP over gloo; precision 32 by
-  default (``--precision bf16`` for CPU autocast; upstream's 16 means bf16 on CPU).
+  CUDA: Lightning's own GPU accelerator, DDP over nccl, AMP with torch's GradScaler. On both, fp16 runs through
+  :mod:`bevkit.lightning_amp` (gradients unscaled before clipping, also for the fused optimizers). CPU: DDP over
+  gloo; precision 32 by default (``--precision bf16`` for CPU autocast; upstream's 16 means bf16 on CPU).
 - Upstream scales the learning rate by ``gpus``: the kit passes the world size, so lr = 2e-4/64 x
   batch per device x world size on every device (2e-4 for 8 x 8).
 - ``--weight_decay`` (default: upstream's 1e-7), ``--data_root`` (default: upstream's data/nuScenes),
@@ -69,7 +70,14 @@ def build_parser(exp_name: str, epochs: int = 24) -> ArgumentParser:
 
 def trainer_setup(device, args) -> dict:
     """Trainer keyword arguments (accelerator, devices, strategy, precision, plugins) for ``device`` (a
-    :class:`~bevkit.device.RunDevice` or a device type)."""
+    :class:`~bevkit.device.RunDevice` or a device type).
+
+    fp16 / bf16 on NPU and CUDA go through the kit's precision plugin (:mod:`bevkit.lightning_amp`): the device's
+    autocast and GradScaler, gradients unscaled before clipping also for the fused optimizers the kit builds
+    (Lightning's own plugin refuses to clip for them). Emulated devices (CPU tensors standing in, tests) keep the
+    device's strategy and precision plugin over gloo; a CUDA run's accelerator becomes the CPU one (Lightning's
+    CUDA accelerator binds a real GPU), the NPU accelerator places on the CPU itself.
+    """
     from pytorch_lightning.strategies import DDPStrategy
 
     device = RunDevice.of(device)
@@ -80,19 +88,27 @@ def trainer_setup(device, args) -> dict:
     precision = args.precision
     kwargs = dict(devices=devices, num_nodes=num_nodes, gpus=None)
     ddp = isinstance(devices, int) and devices * num_nodes > 1 or num_nodes > 1
-    if device.kind == "npu":
-        from bevkit.lightning_npu import NPUAccelerator, NPUDDPStrategy, NPUMixedPrecisionPlugin
+    if device.kind in ("npu", "cuda"):
+        precision = 16 if precision is None else precision
+        amp = str(precision) in ("16", "bf16")
+        if device.kind == "npu":
+            from bevkit.lightning_npu import NPUAccelerator, NPUDDPStrategy, NPUMixedPrecisionPlugin
 
-        precision = 16 if precision is None else precision
-        kwargs.update(accelerator=NPUAccelerator(),
-                      strategy=NPUDDPStrategy(find_unused_parameters=False) if ddp else
-                      _single_npu_strategy())
-        if str(precision) == "16":
-            kwargs["plugins"] = [NPUMixedPrecisionPlugin()]
+            kwargs.update(accelerator=NPUAccelerator(),
+                          strategy=NPUDDPStrategy(find_unused_parameters=False,
+                                                  process_group_backend=device.dist_backend) if ddp else
+                          _single_npu_strategy(device))
+            plugin = NPUMixedPrecisionPlugin(precision) if amp else None
+        else:
+            from bevkit.lightning_amp import DeviceMixedPrecisionPlugin
+
+            kwargs.update(accelerator="cpu" if device.emulated else "gpu",
+                          strategy=DDPStrategy(find_unused_parameters=False, process_group_backend=device.dist_backend)
+                          if ddp else None)
+            plugin = DeviceMixedPrecisionPlugin(precision, device) if amp else None
+        if plugin is not None:
+            kwargs["plugins"] = [plugin]
             precision = 32  # the plugin does the mixed precision; Lightning must not add its own
-    elif device.kind == "cuda":
-        precision = 16 if precision is None else precision
-        kwargs.update(accelerator="gpu", strategy=DDPStrategy(find_unused_parameters=False) if ddp else None)
     else:
         if precision is None:
             precision = 32
@@ -114,10 +130,12 @@ def _nodes_from_torchrun() -> int:
     return max(1, world // local) if world and local else 1
 
 
-def _single_npu_strategy():
+def _single_npu_strategy(device: RunDevice):
+    import torch
+
     from bevkit.lightning_npu import SingleNPUStrategy
 
-    return SingleNPUStrategy()
+    return SingleNPUStrategy(torch.device("cpu") if device.emulated else 0)
 
 
 def world_size_of(kwargs: dict) -> int:

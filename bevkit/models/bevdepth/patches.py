@@ -300,7 +300,7 @@ PATCHES = PatchSet("bevdepth", [
     RuntimePatch(
         "voxel_num_device", f"{LSS}:BaseLSSFPN._forward_single_sweep", _forward_single_sweep,
         why="upstream passes self.voxel_num.cuda(); the buffer is already on the module's device",
-        devices=("npu", "cpu"), check=_is_function),
+        devices=("npu", "cpu"), on="memory", check=_is_function),
     RuntimePatch(
         "get_geometry_mul_sum", f"{LSS}:BaseLSSFPN.get_geometry", lambda original: get_geometry,
         why="rank-7 broadcast matmuls exceed the NPU's rank-6 matmul; the same maths as elementwise multiply-and-"
@@ -314,19 +314,19 @@ PATCHES = PatchSet("bevdepth", [
     RuntimePatch(
         "head_targets_device", f"{HEAD}:BEVDepthHead.get_targets_single", _get_targets_single,
         why="targets are created with device='cuda'; build them on the host and move them to the "
-            "boxes' device", devices=("npu", "cpu"), check=_is_function),
+            "boxes' device", devices=("npu", "cpu"), on="memory", check=_is_function),
     RuntimePatch(
         "head_fp32", f"{HEAD}:BEVDepthHead.forward", _head_forward,
         why="upstream's @torch.cuda.amp.autocast(False) leaves NPU/CPU autocast on; keep the head "
-            "in fp32 on every device", devices=("npu", "cpu")),
+            "in fp32 on every device", devices=("npu", "cpu"), on="memory"),
     RuntimePatch(
         "depth_loss_fp32", f"{EXP}:autocast", _cuda_autocast_replacement,
         why="get_depth_loss disables only CUDA autocast; disable it on every device",
-        devices=("npu", "cpu")),
+        devices=("npu", "cpu"), on="memory"),
     RuntimePatch(
         "training_step_device", f"{EXP}:BEVDepthLightningModel.training_step", _training_step,
         why="training_step calls depth_labels.cuda() unconditionally; Lightning already moved the "
-            "batch to the module's device", devices=("npu", "cpu"), check=_is_function),
+            "batch to the module's device", devices=("npu", "cpu"), on="memory", check=_is_function),
     RuntimePatch(
         "optimizer_per_device", f"{EXP}:BEVDepthLightningModel.configure_optimizers",
         _configure_optimizers,

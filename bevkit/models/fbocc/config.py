@@ -135,11 +135,12 @@ def sync_bn_policy(device, world: int) -> str:
     """'sync' keeps SyncBatchNorm; 'local' replaces it with per-process BatchNorm.
 
     - one process: nothing to synchronize ('local'; identical maths, no collective per BN call);
-    - CPU (gloo): torch's SyncBatchNorm only runs on accelerator tensors ('local', each rank normalizes its
-      own batch, which is what the DrivingSDK NPU recipe's sync_bn=False does for the ResNet-50 BNs too);
+    - CPU (gloo), emulated devices included: torch's SyncBatchNorm only runs on accelerator tensors ('local',
+      each rank normalizes its own batch, which is what the DrivingSDK NPU recipe's sync_bn=False does for the
+      ResNet-50 BNs too);
     - CUDA/NPU with several processes: 'sync' (upstream behaviour).
     """
-    if world <= 1 or RunDevice.of(device).kind == 'cpu':
+    if world <= 1 or RunDevice.of(device).memory == 'cpu':
         return 'local'
     return 'sync'
 

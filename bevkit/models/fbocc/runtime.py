@@ -6,7 +6,8 @@ The patched ``tools/train.py`` / ``tools/test.py`` call, first thing, ``activate
 2. the upstream repository root (found from the entry script) becomes importable, as upstream's
    ``dist_train.sh`` does with PYTHONPATH; the pre-import fixes run (:func:`bevkit.compat.prepare_imports`;
    a placeholder for the CUDA-only ``bev_pool_v2_ext`` when it was not built, since the kit routes bev_pool_v2
-   through ``bevkit.ops``);
+   through ``bevkit.ops``; ``spconv.pytorch`` from mx_driving where spconv is not installed, i.e. on the npu
+   profile, :func:`bevkit.ops.sparse.install_spconv_shim`);
 3. the patch sets 'common' and 'fbocc' are applied for that device (``BEVKIT_DISABLE_PATCHES=a,b`` leaves named
    patches out);
 4. the bevkit timing hook is registered with mmcv.
@@ -79,15 +80,21 @@ class FBOCCRuntime(ModelRuntime):
             if str(root) not in sys.path:
                 sys.path.insert(0, str(root))  # tools/ and deployment/ are imported from the repo root
         from bevkit import compat
+        from bevkit.ops.sparse import install_spconv_shim
 
+        if device.kind == "npu":
+            import torch_npu  # noqa: F401  (registers the 'npu' device before any model code runs)
         compat.prepare_imports()
         _stub_bev_pool_ext(device)
+        # FB-BEV imports spconv.pytorch unconditionally (mmdet3d.models); the npu profile has none: mx_driving's
+        # sparse convolutions stand in (a no-op where spconv imports). Every process activates, children too.
+        install_spconv_shim()
 
     def finish(self, device: RunDevice) -> None:
         import bevkit.models.fbocc.resume  # noqa: F401  (registers BevkitResumeHook with mmcv's HOOKS)
         import bevkit.timing.mmcv_hook  # noqa: F401  (registers BevkitTimingHook with mmcv's HOOKS)
 
-        if device.memory == "npu":
+        if device.kind == "npu":
             import torch
 
             # Private NPU tensor formats break FB-OCC's reshapes of 5-D tensors (the DrivingSDK recipe turns

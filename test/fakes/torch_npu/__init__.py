@@ -2,7 +2,8 @@
 
 It provides the slice of torch_npu's device API the kit uses: ``torch.npu`` (is_available, device_count,
 set_device, current_device, get_device_name, synchronize, memory_stats, empty_cache,
-config.allow_internal_format, amp.GradScaler), ``torch_npu.npu`` (the same module) and
+config.allow_internal_format, amp.GradScaler, amp.autocast; ``from torch.npu.amp import autocast`` works, as mmcv
+does it on NPU), ``torch_npu.npu`` (the same module) and
 ``torch_npu.optim.NpuFusedAdamW`` (with the real one's constraints, see optim.py). Calls are
 recorded in :data:`CALLS` so tests can assert what the kit asked for. Tensors stay on the CPU: pair it
 with ``bevkit.device.emulate_device('npu')``.
@@ -13,10 +14,13 @@ remove ``torch.npu`` afterwards.
 from __future__ import annotations
 
 import os
+import sys
 import types
 from typing import Any, List, Tuple
 
 import torch
+
+from bevkit.emulation import EmulatedAutocast
 
 FAKE = True
 CALLS: List[Tuple[str, Any]] = []
@@ -48,6 +52,16 @@ class GradScaler(torch.amp.GradScaler if hasattr(torch.amp, "GradScaler") else o
             super().__init__("cpu", *args, **kwargs)
 
 
+class autocast(EmulatedAutocast):
+    """Stands in for torch_npu.npu.amp.autocast (``torch_npu/npu/amp/autocast_mode.py``: ``torch.autocast('npu')``
+    with ``enabled=True, dtype=torch.float16, cache_enabled=True`` defaults); CPU tensors stand in for NPU ones, so
+    it is CPU autocast in the same dtype with the NPU's op rules (bevkit.emulation)."""
+
+    def __init__(self, enabled: bool = True, dtype: torch.dtype = torch.float16, cache_enabled: bool = True):
+        CALLS.append(("autocast", dict(enabled=enabled, dtype=str(dtype))))
+        super().__init__(enabled=enabled, dtype=dtype, cache_enabled=cache_enabled)
+
+
 def _set_device(device) -> None:
     CALLS.append(("set_device", device))
     npu.current = torch.device(device).index if not isinstance(device, int) else device
@@ -64,7 +78,10 @@ npu.get_device_name = _device_name
 npu.memory_stats = lambda device=None: {"allocated_bytes.all.current": 0}
 npu.empty_cache = lambda: CALLS.append(("empty_cache", None))
 npu.config = _Config()
-npu.amp = types.SimpleNamespace(GradScaler=GradScaler)
+amp = types.ModuleType("torch_npu.npu.amp")
+amp.GradScaler = GradScaler
+amp.autocast = autocast
+npu.amp = amp
 
 
 from . import optim  # noqa: E402  (torch_npu.optim.NpuFusedAdamW)
@@ -72,6 +89,36 @@ from .optim import NpuFusedAdamW  # noqa: E402,F401
 
 npu.get_amp_supported_dtype = lambda: [torch.float16, torch.bfloat16]
 npu.is_autocast_enabled = lambda: False
+# torch.manual_seed seeds every registered device module that has these (torch_npu/npu/random.py)
+npu.manual_seed = npu.manual_seed_all = lambda seed: CALLS.append(("manual_seed", seed))
+npu._is_in_bad_fork = lambda: False
+
+_HOOKS = []  # keeps the registered hooks object alive
+
+
+def _register_hooks() -> None:
+    """torch_npu registers its PrivateUse1 hooks with torch (C++ ``NPUHooksInterface``); torch >= 2.5 asks them
+    which accelerator the machine has (``torch._C._get_accelerator``, e.g. in ``dist.barrier``). The fake registers
+    Python ones answering as an available device."""
+    acc = getattr(torch._C, "_acc", None)
+    if acc is None or not hasattr(acc, "register_python_privateuseone_hook") or _HOOKS:
+        return
+
+    class Hooks(acc.PrivateUse1Hooks):
+        def is_available(self) -> bool:
+            return True
+
+        def has_primary_context(self, dev_id) -> bool:
+            return True
+
+        def is_built(self) -> bool:
+            return True
+
+    _HOOKS.append(Hooks())
+    try:
+        acc.register_python_privateuseone_hook(_HOOKS[0])
+    except RuntimeError:  # registered before in this process
+        pass
 
 
 def _register() -> None:
@@ -85,6 +132,10 @@ def _register() -> None:
     except RuntimeError:  # registered before: just expose it again
         pass
     torch.npu = npu
+    _register_hooks()
+    sys.modules.setdefault("torch_npu.npu", npu)
+    sys.modules.setdefault("torch_npu.npu.amp", amp)
+    sys.modules["torch.npu.amp"] = amp  # torch_npu makes ``from torch.npu.amp import ...`` work (mmcv on NPU)
 
 
 _register()

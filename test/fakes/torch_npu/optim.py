@@ -45,18 +45,11 @@ def _combine(tensors: List[torch.Tensor]) -> Optional[torch.Tensor]:
         for t in tensors:
             n = t.numel()
             flat[offset:offset + n].copy_(t.reshape(-1))
-            t.set_(flat.untyped_storage() if hasattr(flat, "untyped_storage") else flat.storage(),
-                   offset, t.shape, _contiguous_strides(t.shape))
+            # npu_change_data_ptr re-points the data and leaves autograd's version counter alone (a graph built
+            # before the combination stays valid); set_() would count as an in-place change, ``.data =`` does not
+            t.data = flat[offset:offset + n].view(t.shape)
             offset += n
     return flat
-
-
-def _contiguous_strides(shape) -> tuple:
-    strides, acc = [], 1
-    for s in reversed(tuple(shape)):
-        strides.append(acc)
-        acc *= max(1, s)
-    return tuple(reversed(strides))
 
 
 def _inside(flat: torch.Tensor, t: Optional[torch.Tensor]) -> bool:

@@ -51,6 +51,7 @@ DATASET = "mmdet3d.datasets.nuscenes_dataset:NuScenesDataset"
 SAMPLER = "mmdet3d.datasets.samplers.infinite_group_each_sample_in_batch_sampler"
 RESNET = "mmdet.models.backbones.resnet"
 RESNET3D = f"{FB}.modules.resnet3d"
+#: runs whose tensors are not in CUDA memory (matched on the memory: an emulated cuda run needs these too)
 NO_CUDA = ("npu", "cpu")
 NPU = ("npu",)
 ACCELERATORS = ("npu", "cuda")
@@ -65,22 +66,22 @@ PATCHES = PatchSet("fbocc", [
                  why="CustomFocalLoss.__init__ calls .cuda() on its radial weight map: model build fails "
                      "without CUDA. The map becomes a non-persistent buffer that follows the module."),
     RuntimePatch("fbocc-seed-broadcast", "mmdet3d.apis:init_random_seed",
-                 lambda orig: _with_device(orig), devices=NO_CUDA,
+                 lambda orig: _with_device(orig), devices=NO_CUDA, on="memory",
                  why="init_random_seed broadcasts the seed in a 'cuda' tensor."),
     RuntimePatch("fbocc-sampler-seed-sync", f"{SAMPLER}:sync_random_seed",
-                 lambda orig: _with_device(orig), devices=NO_CUDA,
+                 lambda orig: _with_device(orig), devices=NO_CUDA, on="memory",
                  why="The group-each-sample sampler syncs its seed via dist.broadcast of a 'cuda' tensor."),
     RuntimePatch("fbocc-eval-collect-device", "mmdet3d.apis.test:torch", _torch_with_run_device,
-                 devices=NO_CUDA,
+                 devices=NO_CUDA, on="memory",
                  why="custom_multi_gpu_test's collect_results_cpu broadcasts its temp-dir name in 'cuda' tensors."),
-    RuntimePatch("fbocc-model-placement", f"{DETECTOR}:FBOCC.cuda", _module_cuda, devices=NO_CUDA,
+    RuntimePatch("fbocc-model-placement", f"{DETECTOR}:FBOCC.cuda", _module_cuda, devices=NO_CUDA, on="memory",
                  why="apis/train.py and tools/test.py place the model with model.cuda(): it goes to the run's "
                      "device (npu:LOCAL_RANK or cpu) instead."),
-    RuntimePatch("fbocc-current-device", "torch.cuda:current_device", _current_device, devices=NO_CUDA,
+    RuntimePatch("fbocc-current-device", "torch.cuda:current_device", _current_device, devices=NO_CUDA, on="memory",
                  why="DDP construction passes torch.cuda.current_device(), which raises without CUDA; the DDP "
                      "factory ignores it."),
     RuntimePatch("fbocc-init-dist-cpu", "mmcv.runner.dist_utils:_init_dist_pytorch", _init_dist_pytorch,
-                 devices=NO_CUDA,
+                 devices=NO_CUDA, on="memory",
                  why="mmcv init_dist('pytorch') calls torch.cuda.set_device(rank % device_count()) off NPU: a "
                      "ZeroDivisionError on CPU. CPU and emulated devices just join the gloo process group."),
     RuntimePatch("fbocc-ddp-train", "mmdet3d.apis.train:MMDistributedDataParallel", _ddp_factory,
@@ -93,13 +94,13 @@ PATCHES = PatchSet("fbocc", [
     RuntimePatch("fbocc-dp-test", "mmcv.parallel:MMDataParallel", _dp_factory,
                  why="Single-process tools/test.py wraps with MMDataParallel on GPU ids."),
     RuntimePatch("fbocc-depth-loss-autocast", f"{FB}.modules.depth_net:autocast", _autocast_for_device,
-                 devices=NO_CUDA,
+                 devices=NO_CUDA, on="memory",
                  why="The depth BCE disables torch.cuda.amp autocast only; disable the run device's autocast."),
     RuntimePatch("fbocc-semkitti-autocast", f"{FB}.modules.occ_loss_utils.semkitti:autocast",
-                 _autocast_for_device, devices=NO_CUDA,
+                 _autocast_for_device, devices=NO_CUDA, on="memory",
                  why="sem/geo scal losses disable torch.cuda.amp autocast only."),
     RuntimePatch("fbocc-lovasz-autocast", f"{FB}.modules.occ_loss_utils.lovasz_softmax:autocast",
-                 _autocast_for_device, devices=NO_CUDA,
+                 _autocast_for_device, devices=NO_CUDA, on="memory",
                  why="Lovasz loss disables torch.cuda.amp autocast only."),
     # --- ops through bevkit.ops -------------------------------------------------------------------
     RuntimePatch("fbocc-bev-pool-v2", f"{VT}:bev_pool_v2", _bev_pool,
@@ -112,7 +113,7 @@ PATCHES = PatchSet("fbocc", [
                  why="Upstream drops the depth-aware weighting whenever value is not a CUDA tensor; this forward "
                      "keeps it on every device and runs both MSDA calls through bevkit.ops."),
     RuntimePatch("fbocc-msda-self-attn", "mmcv.ops.multi_scale_deform_attn:multi_scale_deformable_attn_pytorch",
-                 _msda_pytorch, devices=NO_CUDA,
+                 _msda_pytorch, devices=NO_CUDA, on="memory",
                  why="mmcv MultiScaleDeformableAttention (BEV self-attention) falls back to this name off CUDA: "
                      "route it through bevkit.ops (mx_driving kernel on NPU)."),
     RuntimePatch("fbocc-history-grid-sample", f"{DETECTOR}:F", _functional_with_ops,

@@ -54,6 +54,10 @@ def _init_dist_pytorch(original):
             return original(backend, **kwargs)
         import torch.distributed as dist
 
+        if run.emulated and run.kind == 'npu':
+            import torch
+
+            torch.npu.set_device(run.local_rank)  # what mmcv's NPU branch does first (the fake torch_npu here)
         dist.init_process_group(backend=run.dist_backend, **kwargs)
 
     return init
@@ -93,16 +97,19 @@ def _cpu_ddp_class(base):
 def _ddp_factory(original):
     """MMDistributedDataParallel(model, device_ids=[cuda idx], ...) -> the wrapper for the run's device.
 
-    NPU: mmcv's NPUDistributedDataParallel; CUDA: MMDistributedDataParallel on the local GPU; CPU (and
-    emulated devices): MMDistributedDataParallel with device_ids=None, i.e. torch DDP over gloo on CPU
-    tensors (mmcv's scatter keeps CPU batches as they are).
+    NPU: mmcv's NPUDistributedDataParallel; CUDA: MMDistributedDataParallel on the local GPU; CPU:
+    MMDistributedDataParallel with device_ids=None, i.e. torch DDP over gloo on CPU tensors (mmcv's scatter keeps
+    CPU batches as they are). An emulated device gets its device's class the CPU way (device_ids=None, gloo).
     """
 
     def make(module, device_ids=None, **kwargs):
         run = run_device()
         module = module.to(run.torch_device)
         if run.memory == 'cpu':
-            return _cpu_ddp_class(original)(module, device_ids=None, **kwargs)
+            base = original
+            if run.emulated and run.kind == 'npu':
+                from mmcv.device.npu import NPUDistributedDataParallel as base
+            return _cpu_ddp_class(base)(module, device_ids=None, **kwargs)
         if run.kind == 'npu':
             from mmcv.device.npu import NPUDistributedDataParallel
 
