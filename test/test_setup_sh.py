@@ -110,6 +110,51 @@ def test_npu_without_cann_fails_with_the_fix(tmp_path):
     assert not (tmp_path / "v").exists()
 
 
+def test_emulated_npu_plan_installs_the_npu_pins_and_fakes_never_torch_npu():
+    plan = _plan("--emulate", "--models", "bevdepth", "--no-upstream")
+    assert "profile npu (emulated)" in plan
+    emulate = next(line for line in plan.splitlines() if "emulate:" in line)
+    assert "never installed" in emulate and "torch_npu" in emulate and str(REPO / "test" / "fakes") in emulate
+    assert "cann:" not in plan  # no CANN needed
+    assert "torch-npu==" not in plan and "npu-accel.txt" not in plan  # neither torch_npu nor mx_driving
+    assert re.search(r"torch: would run: .*-r \S*/npu\.txt", plan)  # the npu profile's own pins
+    assert "bevkit-npu-fakes.pth" in plan
+    mmcv = next(line for line in plan.splitlines() if "mmcv:" in line)
+    assert "MMCV_WITH_OPS=1" in mmcv and "FORCE_NPU" not in mmcv  # CPU ops: FORCE_NPU needs CANN
+    assert "Next:" not in plan
+    assert "profile npu (emulated)" in _plan(env={"BEVKIT_EMULATE": "1"})
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--emulate", "--profile", "cpu"], {}, "--emulate stands in for the npu profile"),
+    ([], {"BEVKIT_EMULATE": "yes"}, "BEVKIT_EMULATE must be 0 or 1"),
+])
+def test_emulate_argument_errors(args, env, message):
+    proc = run(*args, env=env)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_fakes_are_importable_only_in_an_emulated_venv_and_process():
+    """setup.sh --emulate puts test/fakes on the venv's path (a .pth file) for processes with
+    BEVKIT_EMULATE_DEVICE=npu; other processes, and every other venv, see no torch_npu at all."""
+    code = "import torch_npu, mx_driving; print(torch_npu.FAKE, mx_driving.__version__)"
+
+    def attempt(emulate: bool):
+        env = {k: v for k, v in os.environ.items() if k not in ("BEVKIT_EMULATE_DEVICE", "PYTHONPATH")}
+        if emulate:
+            env["BEVKIT_EMULATE_DEVICE"] = "npu"
+        return subprocess.run([sys.executable, "-c", code], cwd="/", env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
+
+    emulated, plain = attempt(True), attempt(False)
+    assert plain.returncode != 0 and "No module named 'torch_npu'" in plain.stderr
+    if (Path(sys.prefix) / ".bevkit-stamps" / "emulate").is_file():
+        assert emulated.returncode == 0, emulated.stderr
+        assert emulated.stdout.split() == ["True", "0.0.fake"]
+    else:
+        assert emulated.returncode != 0 and "No module named 'torch_npu'" in emulated.stderr
+
+
 def test_cuda_plan_builds_mmcv_with_cuda():
     plan = _plan("--profile", "cuda")
     assert "FORCE_CUDA=1" in plan and "fbocc-cuda.txt" in plan and "torch-npu" not in plan
@@ -134,7 +179,8 @@ def _stamped_venv() -> Path:
 def test_second_run_is_a_quick_no_op():
     venv = _stamped_venv()
     profile = (venv / ".bevkit-stamps" / "profile").read_text().strip()
-    args = ("--profile", profile, "--venv", str(venv), "--no-upstream")
+    emulate = ("--emulate",) if (venv / ".bevkit-stamps" / "emulate").is_file() else ()
+    args = ("--profile", profile, *emulate, "--venv", str(venv), "--no-upstream")
     # The first run brings the venv up to date (pins may have changed since it was made); the second must not act.
     first = run(*args, timeout=1800)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -156,7 +202,8 @@ def test_setup_materializes_both_upstreams_from_local_sources(tmp_path):
     if not (os.environ.get("FBBEV_SRC") and os.environ.get("BEVDEPTH_SRC")):
         pytest.skip("needs FBBEV_SRC and BEVDEPTH_SRC (a clone, bare git dir or tarball of each upstream)")
     profile = (venv / ".bevkit-stamps" / "profile").read_text().strip()
-    args = ("--profile", profile, "--venv", str(venv), "--upstream-dir", str(tmp_path),
+    emulate = ("--emulate",) if (venv / ".bevkit-stamps" / "emulate").is_file() else ()
+    args = ("--profile", profile, *emulate, "--venv", str(venv), "--upstream-dir", str(tmp_path),
             "--fbbev-src", os.environ["FBBEV_SRC"], "--bevdepth-src", os.environ["BEVDEPTH_SRC"])
     proc = run(*args, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
