@@ -32,10 +32,10 @@ Options:
                             then /usr/local/Ascend/ascend-toolkit/set_env.sh)
   --emulate                 npu without Ascend hardware, for testing (implies --profile npu; env
                             BEVKIT_EMULATE=1): every npu pin, but the kit's fakes (test/fakes) stand
-                            in for torch_npu and mx_driving: a .pth file in the venv makes them
-                            importable where BEVKIT_EMULATE_DEVICE=npu. Never installs torch_npu
-                            (without CANN it breaks `import torch`); needs no CANN; mmcv-full gets
-                            its CPU ops
+                            in for torch_npu and mx_driving: a .pth file in the venv makes the fake
+                            mx_driving importable, and the fake torch_npu where
+                            BEVKIT_EMULATE_DEVICE=npu. Never installs torch_npu (without CANN it
+                            breaks `import torch`); needs no CANN; mmcv-full gets its CPU ops
   --jobs N                  parallel compile jobs for mmcv-full (default: number of CPUs)
   --system-packages         install tcmalloc with apt-get when it is missing (needs root)
   --force                   ignore the stamps of finished steps and run every step again
@@ -245,26 +245,35 @@ if [[ $DRY_RUN == 0 && "$PROFILE" == npu && $EMULATE == 0 && "$(uname -m)" == x8
 fi
 
 if [[ "$PROFILE" == npu && $EMULATE == 1 ]]; then
-  # The fakes take the real packages' import names. A .pth line in this venv appends test/fakes to sys.path in
-  # processes that emulate the NPU (BEVKIT_EMULATE_DEVICE=npu, the kit's switch that makes CPU tensors stand in
-  # for NPU ones): there `import torch_npu` / `import mx_driving` give the fakes. Other processes see no NPU at
-  # all, as on any machine without one (the fake reports 8 NPUs whose tensors could not exist unemulated).
+  # The fakes take the real packages' import names, through bevkit-npu-fakes.pth in site-packages:
+  # - mx_driving in every process, as on an Ascend host (a library: importing it claims no device; FB-OCC's
+  #   spconv stand-in is built from its sparse modules). The .pth names <venv>/bevkit-npu-fakes, which holds
+  #   only a link to test/fakes/mx_driving.
+  # - torch_npu only where the NPU is emulated (BEVKIT_EMULATE_DEVICE=npu, the kit's switch that makes CPU tensors
+  #   stand in for NPU ones): the fake reports 8 NPUs, which other processes could not put a tensor on. Without
+  #   the variable the venv sees no NPU, like the machine.
   for pkg in torch-npu mx-driving; do
     if [[ $DRY_RUN == 0 ]] && "$VPY" -m pip show "$pkg" >/dev/null 2>&1; then
       fail "$VENV has the real $pkg installed, which --emulate replaces by a fake: remove it ($VPY -m pip uninstall -y $pkg)"
     fi
   done
-  PTH_LINE="import os, sys; os.environ.get('BEVKIT_EMULATE_DEVICE') == 'npu' and sys.path.append('$FAKES')"
+  FAKES_DIR="$VENV/bevkit-npu-fakes"
+  PTH_TEXT="$FAKES_DIR
+import os, sys; os.environ.get('BEVKIT_EMULATE_DEVICE') == 'npu' and sys.path.append('$FAKES')"
   if [[ $DRY_RUN == 1 ]]; then
-    log "npu-fakes: would write bevkit-npu-fakes.pth into the venv's site-packages: $FAKES (torch_npu, mx_driving) with BEVKIT_EMULATE_DEVICE=npu"
+    log "npu-fakes: would write bevkit-npu-fakes.pth into the venv's site-packages: mx_driving from $FAKES always, torch_npu with BEVKIT_EMULATE_DEVICE=npu"
   else
-    [[ "$FAKES" != *"'"* && "$FAKES" != *\\* ]] || fail "the kit's path $FAKES contains a quote or backslash; move the kit for --emulate"
+    [[ "$FAKES" != *[\'\\]* && "$FAKES$FAKES_DIR" != *$'\n'* ]] \
+      || fail "the path of the kit or the venv contains a quote, backslash or newline, which a .pth file cannot hold: move it for --emulate"
     SITE="$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-    if [[ -f "$SITE/bevkit-npu-fakes.pth" && "$(cat "$SITE/bevkit-npu-fakes.pth")" == "$PTH_LINE" ]]; then
+    if [[ -f "$SITE/bevkit-npu-fakes.pth" && "$(cat "$SITE/bevkit-npu-fakes.pth")" == "$PTH_TEXT" \
+          && "$(readlink "$FAKES_DIR/mx_driving")" == "$FAKES/mx_driving" ]]; then
       log "npu-fakes: up to date"
     else
-      printf '%s\n' "$PTH_LINE" > "$SITE/bevkit-npu-fakes.pth"
-      log "npu-fakes: wrote $SITE/bevkit-npu-fakes.pth: with BEVKIT_EMULATE_DEVICE=npu, \`import torch_npu\` / \`import mx_driving\` give the fakes in $FAKES"
+      mkdir -p "$FAKES_DIR"
+      ln -sfn "$FAKES/mx_driving" "$FAKES_DIR/mx_driving"
+      printf '%s\n' "$PTH_TEXT" > "$SITE/bevkit-npu-fakes.pth"
+      log "npu-fakes: wrote $SITE/bevkit-npu-fakes.pth: \`import mx_driving\` gives the fake from $FAKES, \`import torch_npu\` too where BEVKIT_EMULATE_DEVICE=npu"
     fi
   fi
 elif [[ "$PROFILE" == npu ]]; then
