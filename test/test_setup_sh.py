@@ -122,8 +122,35 @@ def test_emulated_npu_plan_installs_the_npu_pins_and_fakes_never_torch_npu():
     assert "bevkit-npu-fakes.pth" in fakes and "torch_npu with BEVKIT_EMULATE_DEVICE=npu" in fakes
     mmcv = next(line for line in plan.splitlines() if "mmcv:" in line)
     assert "MMCV_WITH_OPS=1" in mmcv and "FORCE_NPU" not in mmcv  # CPU ops: FORCE_NPU needs CANN
-    assert "Next:" not in plan
     assert "profile npu (emulated)" in _plan(env={"BEVKIT_EMULATE": "1"})
+
+
+def _venv_with_stamps(folder: Path, *stamps: str) -> Path:
+    """A venv folder setup.sh would reuse, stamped as a venv it made. Its python answers queries but refuses pip,
+    so nothing is ever installed anywhere, whatever setup.sh does with it."""
+    (folder / "bin").mkdir(parents=True)
+    python = folder / "bin" / "python"
+    python.write_text(f'#!/bin/sh\ncase "$*" in *pip*) echo "test venv: no pip" >&2; exit 99;; esac\n'
+                      f'exec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    (folder / ".bevkit-stamps").mkdir()
+    (folder / ".bevkit-stamps" / "profile").write_text("npu\n")
+    for name in stamps:
+        (folder / ".bevkit-stamps" / name).write_text("x")
+    return folder
+
+
+def test_emulated_and_real_npu_venvs_are_never_turned_into_each_other(tmp_path):
+    set_env = tmp_path / "set_env.sh"
+    set_env.write_text("export ASCEND_HOME_PATH=/nonexistent\n")
+    emulated = _venv_with_stamps(tmp_path / "emulated", "emulate")
+    proc = run("--profile", "npu", "--cann-env", str(set_env), "--venv", str(emulated), "--no-upstream")
+    assert proc.returncode == 1 and "was set up with --emulate" in proc.stderr and "add --emulate" in proc.stderr
+    real = _venv_with_stamps(tmp_path / "real", "torch-npu")
+    proc = run("--emulate", "--venv", str(real), "--no-upstream")
+    assert proc.returncode == 1 and "set up for a real npu" in proc.stderr
+    assert not (real / ".bevkit-stamps" / "emulate").exists()
+    assert sorted(p.name for p in (emulated / ".bevkit-stamps").iterdir()) == ["emulate", "profile"]
 
 
 @pytest.mark.parametrize("args, env, message", [
