@@ -10,10 +10,10 @@ The experiment path may be relative to the BEVDepth checkout. The kit applies it
 import sys
 from pathlib import Path
 
-try:
-    import bevkit  # noqa: F401
-except ImportError:  # running from a clone without the kit installed: use the clone's bevkit
-    sys.path.append(str(Path(__file__).resolve().parent.parent))
+# The kit this script belongs to (the repository root), also when it runs from a clone without PYTHONPATH.
+KIT = str(Path(__file__).resolve().parent.parent)
+if KIT not in sys.path:
+    sys.path.append(KIT)
 
 from bevkit.models.bevdepth.runtime import run_exp  # noqa: E402
 

@@ -17,8 +17,9 @@ import ctypes
 import importlib.util
 import os
 import sys
-from typing import Iterator, Optional
+from typing import Iterator
 
+from .device import run_device
 from .patching import PatchSet, RuntimePatch
 
 # Keeps the torch.library definitions alive: a Library object unregisters its ops when collected.
@@ -108,19 +109,6 @@ def _numpy_getattr(original):
     return __getattr__
 
 
-def _accelerator_kind() -> str:
-    from .device import emulated_device
-
-    if emulated_device() == "npu":
-        return "npu"
-    kind = os.environ.get("BEVKIT_DEVICE")
-    if kind in ("npu", "cuda"):
-        return kind
-    from .device import default_device
-
-    return default_device()
-
-
 def _torch_at_least(major: int, minor: int) -> bool:
     import torch
 
@@ -138,7 +126,7 @@ def _get_stream(original):
                 return None
             import torch
 
-            device = torch.device(_accelerator_kind(), device)
+            device = torch.device(run_device().kind, device)
         return original(device)
 
     return get_stream

@@ -1,8 +1,13 @@
-"""Device handling: which accelerators exist, what device a tensor is on, and per-device helpers.
+"""Devices: which accelerators exist, what device a tensor is on, and the run's device.
 
-Everything device-specific in the kit asks this module rather than testing ``torch.cuda`` itself,
-so that NPU, CUDA and CPU follow one code path, and tests can stand a CPU tensor in for an NPU one
-(``emulate_device('npu')`` or ``BEVKIT_EMULATE_DEVICE=npu``).
+The run's device is one :class:`RunDevice`, decided once: the launcher picks the device type from the
+command line (``--device``) or the machine (:func:`detect_profile`, no torch) and hands it to every process
+as ``BEVKIT_DEVICE``; a model runtime resolves it there once (``activate()``), and every patch and hook asks
+:func:`run_device` for it: the torch device, the distributed backend, autocast on and off, synchronize, and
+what upstream's hard-coded ``'cuda'`` means on this run. Nothing writes the device back into the environment.
+
+Tests stand a CPU tensor in for an NPU one (``emulate_device('npu')`` or ``BEVKIT_EMULATE_DEVICE=npu``): the
+run then targets ``npu`` with CPU memory (``RunDevice.emulated``), the place where emulated device lanes hang.
 
 Importing this module does not import torch; functions that need it import it lazily.
 """
@@ -12,20 +17,30 @@ import contextlib
 import importlib
 import os
 import shutil
-from typing import Callable, Iterator, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping, Optional
 
 DEVICES = ("npu", "cuda", "cpu")
 
-#: Distributed backend per device type.
+#: Distributed backend per device type (real devices; emulated ones use gloo on CPU tensors).
 DIST_BACKEND = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 
-_EMULATE_ENV = "BEVKIT_EMULATE_DEVICE"
+DEVICE_ENV = "BEVKIT_DEVICE"
+EMULATE_ENV = "BEVKIT_EMULATE_DEVICE"
 _emulated: Optional[str] = None
+_active: Optional["RunDevice"] = None
 
 
-def emulated_device() -> Optional[str]:
+def _check(kind: str, origin: str) -> str:
+    if kind not in DEVICES:
+        raise ValueError(f"{origin}={kind!r} is not a device type; use one of {', '.join(DEVICES)}")
+    return kind
+
+
+def emulated_device(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
     """The device type CPU tensors are treated as (tests only), or None."""
-    return _emulated or os.environ.get(_EMULATE_ENV) or None
+    env = os.environ if environ is None else environ
+    return _emulated or env.get(EMULATE_ENV) or None
 
 
 @contextlib.contextmanager
@@ -87,10 +102,10 @@ def default_device() -> str:
 
 def detect_profile(which: Callable[[str], Optional[str]] = shutil.which,
                    environ: Optional[dict] = None) -> str:
-    """Install profile for this machine, decided without torch (setup.sh runs before torch exists).
+    """Install profile (and the launcher's default device) for this machine, decided without torch.
 
     An Ascend machine has ``npu-smi`` or a CANN toolkit (ASCEND_HOME_PATH / the default install
-    folder); a CUDA machine has ``nvidia-smi``; anything else is ``cpu``.
+    folder); a CUDA machine has ``nvidia-smi``; anything else is ``cpu``. ``BEVKIT_PROFILE`` overrides.
     """
     env = os.environ if environ is None else environ
     if env.get("BEVKIT_PROFILE"):
@@ -105,27 +120,134 @@ def detect_profile(which: Callable[[str], Optional[str]] = shutil.which,
     return "cpu"
 
 
+@dataclass(frozen=True)
+class RunDevice:
+    """The device a run targets, and everything the kit derives from it.
+
+    ``kind``: 'npu', 'cuda' or 'cpu'. ``emulated``: CPU tensors stand in for ``kind`` (tests with the fake
+    torch_npu / mx_driving). ``local_rank``: the process's device index on its node (torchrun's LOCAL_RANK).
+    """
+
+    kind: str
+    emulated: bool = False
+    local_rank: int = 0
+
+    def __post_init__(self):
+        _check(self.kind, "device")
+
+    @classmethod
+    def resolve(cls, requested: Optional[str] = None,
+                environ: Optional[Mapping[str, str]] = None) -> "RunDevice":
+        """The run's device: ``requested`` (a --device option), else ``BEVKIT_DEVICE`` (the launcher's
+        decision), else the emulated device (tests), else the best available (npu > cuda > cpu)."""
+        env = os.environ if environ is None else environ
+        emulated = emulated_device(env)
+        if requested:
+            kind = _check(requested, "--device")
+        elif env.get(DEVICE_ENV):
+            kind = _check(env[DEVICE_ENV], DEVICE_ENV)
+        else:
+            kind = emulated or default_device()
+        return cls(kind=kind, emulated=emulated == kind and kind != "cpu",
+                   local_rank=int(env.get("LOCAL_RANK", "0") or 0))
+
+    @classmethod
+    def of(cls, kind: "str | RunDevice") -> "RunDevice":
+        """A RunDevice for a device type (emulation as currently set); RunDevice instances pass through."""
+        if isinstance(kind, RunDevice):
+            return kind
+        _check(kind, "device")
+        return cls(kind=kind, emulated=emulated_device() == kind and kind != "cpu",
+                   local_rank=int(os.environ.get("LOCAL_RANK", "0") or 0))
+
+    # --- where tensors live ---------------------------------------------------------------------------
+    @property
+    def memory(self) -> str:
+        """The device type tensors are really allocated on ('cpu' when emulated)."""
+        return "cpu" if self.emulated else self.kind
+
+    @property
+    def torch_device(self):
+        """torch.device for the model and batches of this process."""
+        import torch
+
+        if self.memory == "cpu":
+            return torch.device("cpu")
+        return torch.device(self.kind, self.local_rank)
+
+    @property
+    def dist_backend(self) -> str:
+        """Collective backend: hccl / nccl / gloo; emulated devices use gloo on CPU tensors."""
+        return DIST_BACKEND[self.memory]
+
+    def collective_device(self):
+        """Device of tensors handed to torch.distributed collectives (gloo needs CPU tensors)."""
+        import torch
+        import torch.distributed as dist
+
+        backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else self.dist_backend
+        if str(backend) == "gloo":
+            return torch.device("cpu")
+        return self.torch_device
+
+    def cuda_means(self, device, collective: bool = False):
+        """Upstream hard-codes ``'cuda'``: map a 'cuda' device argument to this run's device (the device of
+        collective tensors when ``collective``); anything else is returned unchanged."""
+        if device is not None and str(device).split(":")[0] == "cuda":
+            return self.collective_device() if collective else self.torch_device
+        return device
+
+    # --- execution --------------------------------------------------------------------------------------
+    def synchronize(self) -> None:
+        """Wait for queued work on the device, so wall-clock step times are real."""
+        if self.memory == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        elif self.memory == "npu":
+            import torch
+
+            torch.npu.synchronize()  # type: ignore[attr-defined]
+
+    def autocast(self, enabled: bool = True, dtype=None):
+        """torch.autocast for this device; on CPU the upstream 'fp16' means bfloat16 (no fp16 CPU autocast)."""
+        import torch
+
+        if self.memory == "cpu" and dtype is None:
+            dtype = torch.bfloat16
+        return torch.autocast(device_type=self.memory, enabled=enabled, dtype=dtype)
+
+    @contextlib.contextmanager
+    def autocast_off(self) -> Iterator[None]:
+        """Autocast disabled on this device and the CPU: what upstream's ``torch.cuda.amp.autocast(False)``
+        means (it switches only CUDA autocast off, so fp32-only code would run in fp16/bf16 elsewhere)."""
+        import torch
+
+        with contextlib.ExitStack() as stack:
+            for kind in dict.fromkeys(("cpu", self.memory)):
+                stack.enter_context(torch.autocast(device_type=kind, enabled=False))
+            yield
+
+
+def run_device() -> RunDevice:
+    """The run's device: the one a model runtime activated, else resolved from the environment now."""
+    return _active if _active is not None else RunDevice.resolve()
+
+
+def set_run_device(device: Optional[RunDevice]) -> None:
+    """Make ``device`` the process's run device (model runtimes' ``activate``); None forgets it."""
+    global _active
+    _active = device
+
+
 def synchronize(kind: str) -> None:
-    """Wait for queued work on the device, so wall-clock step times are real."""
-    if kind == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
-    elif kind == "npu" and emulated_device() != "npu":
-        import torch
-
-        torch.npu.synchronize()  # type: ignore[attr-defined]
+    """:meth:`RunDevice.synchronize` for a device type."""
+    RunDevice.of(kind).synchronize()
 
 
 def autocast(kind: str, enabled: bool = True, dtype=None):
-    """torch.autocast for a device type; on CPU the upstream 'fp16' means bfloat16 (CPU has no fp16 autocast)."""
-    import torch
-
-    if kind == "cpu" and dtype is None:
-        dtype = torch.bfloat16
-    if kind == "npu" and emulated_device() == "npu":
-        kind = "cpu"
-    return torch.autocast(device_type=kind, enabled=enabled, dtype=dtype)
+    """:meth:`RunDevice.autocast` for a device type."""
+    return RunDevice.of(kind).autocast(enabled=enabled, dtype=dtype)
 
 
 def main() -> None:  # pragma: no cover - tiny CLI used by setup.sh

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import platform
 import re
 import sys
@@ -19,10 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import REPO_ROOT
+from bevkit import REPO_ROOT, device
+from bevkit.registry import MODELS
+from bevkit.provenance import cann_home, cann_version, dist_version
 
 REQ_DIR = REPO_ROOT / "configs" / "requirements"
-MODEL_NAMES = ("fbocc", "bevdepth")
+MODEL_NAMES = tuple(MODELS)
 OK, PROBLEM, WARN, NA = "ok", "PROBLEM", "warn", "-"
 #: Python of the reference stack per profile (anything >= 3.8 may work; other versions only warn).
 REFERENCE_PYTHON = {"npu": "3.8", "cuda": "3.11", "cpu": "3.11"}
@@ -38,19 +39,6 @@ class Check:
 
 
 # ------------------------------------------------------------------------------------ pins and versions
-
-def _dist_version(*names: str) -> Optional[str]:
-    try:
-        from importlib import metadata
-    except ImportError:  # pragma: no cover - Python < 3.8
-        return None
-    for name in names:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
-
 
 def _marker_ok(marker: str) -> bool:
     if not marker:
@@ -83,41 +71,26 @@ def _base(version: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ CANN
 
-def cann_home(environ: Optional[dict] = None) -> Optional[Path]:
-    env = os.environ if environ is None else environ
-    for var in ("ASCEND_TOOLKIT_HOME", "ASCEND_HOME_PATH"):
-        if env.get(var) and Path(env[var]).is_dir():
-            return Path(env[var])
-    return None
+def _npu_profile_torch() -> Optional[str]:
+    """The torch version npu.txt installs (its lines differ only by platform markers), or None."""
+    found = {_base(m.group(1)) for m in re.finditer(r"(?m)^\s*torch\s*==\s*([^\s;,#]+)",
+                                                    (REQ_DIR / "npu.txt").read_text())}
+    return found.pop() if len(found) == 1 else None
 
 
-def cann_version(home: Optional[Path]) -> Optional[str]:
-    """CANN toolkit version (e.g. '8.3.RC1') from the version files a toolkit install carries."""
-    if home is None:
-        return None
-    candidates = sorted(home.glob("*-linux/ascend_toolkit_install.info")) + [
-        home / "compiler" / "version.info", home / "runtime" / "version.info", home / "version.cfg"]
-    for path in candidates:
-        if not path.is_file():
-            continue
-        text = path.read_text(errors="replace")
-        m = re.search(r"(?im)^\s*version\s*=\s*([0-9]+\.[0-9]+\.[0-9A-Za-z.]+)", text)
-        if m:
-            return m.group(1)
-        m = re.search(r":([0-9]+\.[0-9]+\.(?:RC)?[0-9A-Za-z.]*)\]", text)  # version.cfg: [inner:8.3.RC1]
-        if m:
-            return m.group(1)
-    return None
-
-
-def npu_matrix() -> List[Tuple[str, str]]:
-    """[(CANN version, torch_npu build)] from configs/requirements/npu-cann.tsv, default first."""
+def npu_matrix(torch_version: Optional[str] = None) -> List[Tuple[str, str]]:
+    """[(CANN version, torch_npu build)] from configs/requirements/npu-cann.tsv for ``torch_version`` (default:
+    the npu profile's torch from npu.txt), default first. Columns are tab-separated: cann, torch_npu, torch, ...
+    (the others document the row and its sources)."""
+    want = _base(torch_version) if torch_version else _npu_profile_torch()
     rows = []
     for raw in (REQ_DIR / "npu-cann.tsv").read_text().splitlines():
         line = raw.split("#", 1)[0].strip()
         if line:
-            cann, npu = line.split()[:2]
-            rows.append((cann, npu))
+            fields = [f.strip() for f in (line.split("\t") if "\t" in line else line.split())]
+            row_torch = fields[2] if len(fields) > 2 else None
+            if row_torch is None or want is None or row_torch == want:
+                rows.append((fields[0], fields[1]))
     return rows
 
 
@@ -168,8 +141,6 @@ def check_torch(profile: str):
 
 
 def check_accelerators(profile: str, torch) -> Check:
-    from . import device
-
     if torch is None:
         return Check("accelerators", PROBLEM, "unknown: torch does not import", "fix torch first (row above)")
     found = device.available_devices()
@@ -195,11 +166,11 @@ def check_cann(profile: str, environ: Optional[dict] = None) -> Check:
     home = cann_home(environ)
     if profile != "npu":
         return Check("CANN", NA if home is None else OK,
-                     f"not needed on {profile}" if home is None else f"{home} ({cann_version(home) or '?'})")
+                     f"not needed on {profile}" if home is None else f"{home} ({cann_version(environ) or '?'})")
     if home is None:
         return Check("CANN", PROBLEM, "no CANN toolkit in the environment (ASCEND_TOOLKIT_HOME unset)",
                      f"source {CANN_SET_ENV} (or `. .venv/bin/activate`, which sources it)")
-    version = cann_version(home)
+    version = cann_version(environ)
     known = [c for c, _ in npu_matrix()]
     if version is None:
         return Check("CANN", WARN, f"{home} (version unknown)")
@@ -209,7 +180,7 @@ def check_cann(profile: str, environ: Optional[dict] = None) -> Check:
 
 
 def check_torch_npu(profile: str, torch_version: Optional[str], environ: Optional[dict] = None) -> Check:
-    have = _dist_version("torch-npu", "torch_npu")
+    have = dist_version("torch-npu", "torch_npu")
     if profile != "npu":
         if have:
             return Check("torch_npu", PROBLEM, f"{have} installed on a {profile} machine",
@@ -220,7 +191,7 @@ def check_torch_npu(profile: str, torch_version: Optional[str], environ: Optiona
     problems = []
     if torch_version and _base(have).split(".post")[0] != _base(torch_version):
         problems.append(f"built for torch {_base(have).split('.post')[0]}, torch is {torch_version}")
-    cann = cann_version(cann_home(environ))
+    cann = cann_version(environ)
     want, row = torch_npu_for(cann)
     if row is not None and have != want:
         problems.append(f"CANN {cann} needs torch_npu {want}")
@@ -231,14 +202,16 @@ def check_torch_npu(profile: str, torch_version: Optional[str], environ: Optiona
 
 
 def check_mx_driving(profile: str, torch_version: Optional[str]) -> Check:
-    have = _dist_version("mx-driving", "mx_driving")
+    have = dist_version("mx-driving", "mx_driving")
     if profile != "npu":
         if have:
             return Check("mx_driving", WARN, f"{have} installed but only usable on npu")
         return Check("mx_driving", NA, f"not used on {profile} (bevkit.ops uses its portable/cuda paths)")
     want = pins("npu-accel.txt").get("mx-driving")
     if not have:
-        return Check("mx_driving", PROBLEM, "not installed", "rerun bash setup.sh --profile npu")
+        return Check("mx_driving", PROBLEM, "not installed",
+                     f"pip install mx-driving=={want}" if want else
+                     "build DrivingSDK at the branch npu-cann.tsv names for your CANN (see npu-accel.txt)")
     detail = have
     try:
         from importlib import metadata
@@ -258,7 +231,7 @@ def check_mx_driving(profile: str, torch_version: Optional[str]) -> Check:
 
 
 def check_mmcv(profile: str, torch) -> Check:
-    have = _dist_version("mmcv-full")
+    have = dist_version("mmcv-full")
     want = "1.7.2"
     fix = f"rerun bash setup.sh (builds mmcv-full {want} with MMCV_WITH_OPS=1 for {profile})"
     if not have:
@@ -285,7 +258,7 @@ def check_packages(profile: str) -> List[Check]:
     want = pins("common.txt")
     rows = []
     for dist, label in (("numpy", "numpy"), ("mmdet", "mmdet"), ("mmsegmentation", "mmseg")):
-        have = _dist_version(dist)
+        have = dist_version(dist)
         pin = want.get(dist)
         if not have:
             rows.append(Check(label, PROBLEM, "not installed", "rerun bash setup.sh"))
@@ -314,11 +287,11 @@ def check_upstreams(models: Sequence[str], root: Optional[Path]) -> List[Check]:
 
 
 def check_data(models: Sequence[str], data_root: Path, full: bool = False) -> List[Check]:
-    try:
+    try:  # the validator needs numpy and the nuscenes-devkit: a broken install is a problem row, not a crash
         validate = importlib.import_module("bevkit.data.validate")
     except ImportError as exc:
         return [Check("data", PROBLEM, f"cannot check {data_root}: the data validator is not available ({exc})",
-                      "update the kit (bevkit.data.validate), or check the layout by hand against README 'Data'")]
+                      "rerun bash setup.sh (it installs numpy and the nuscenes-devkit the validator needs)")]
     rows = []
     for model in models:
         problems = validate.validate(model, Path(data_root), full=full)
@@ -334,7 +307,7 @@ def run_checks(profile: str, models: Sequence[str] = MODEL_NAMES, upstream_dir: 
     rows = [check_python(profile)]
     torch_row, torch = check_torch(profile)
     rows.append(torch_row)
-    torch_version = torch.__version__ if torch is not None else _dist_version("torch")
+    torch_version = torch.__version__ if torch is not None else dist_version("torch")
     rows.append(check_accelerators(profile, torch))
     rows.append(check_cann(profile))
     rows.append(check_torch_npu(profile, torch_version))
@@ -374,8 +347,6 @@ def default_models() -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from . import device
-
     parser = argparse.ArgumentParser(prog="python -m bevkit.doctor", description=__doc__.split("\n")[0])
     parser.add_argument("--profile", choices=device.DEVICES, default=None,
                         help="profile to check against (default: detected, as setup.sh does)")
@@ -389,7 +360,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--torch-npu-pin", action="store_true", help=argparse.SUPPRESS)  # used by setup.sh
     args = parser.parse_args(argv)
     if args.torch_npu_pin:
-        cann = cann_version(cann_home())
+        cann = cann_version()
         pin, row = torch_npu_for(cann)
         if row is None:
             print(f"bevkit.doctor: CANN version {'unknown' if cann is None else cann + ' not in npu-cann.tsv'}; "

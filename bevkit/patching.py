@@ -6,7 +6,8 @@ can wrap rather than copy upstream code). A :class:`PatchSet` resolves *every* t
 anything: if one is missing (upstream moved, wrong commit, import failure) it raises
 :class:`PatchTargetMissing` naming the patch, the target and what to do, and nothing is half-applied.
 
-All patch sets of the kit are listed in :data:`PATCH_SETS`; ``python -m bevkit.patching list`` prints them.
+All patch sets of the kit are listed in :data:`PATCH_SETS` (the shared 'common' set and each registered model's
+``ModelSpec.patch_set``); ``python -m bevkit.patching list`` prints them.
 """
 from __future__ import annotations
 
@@ -14,15 +15,13 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from .device import DEVICES
+from bevkit.device import DEVICES
+from bevkit.registry import all_specs
 
 #: Every patch set of the kit, by name -> "module:attribute" of a PatchSet (imported lazily, because
 #: model patch modules import torch and upstream code).
-PATCH_SETS: Dict[str, str] = {
-    "common": "bevkit.compat:PATCHES",
-    "fbocc": "bevkit.models.fbocc.patches:PATCHES",
-    "bevdepth": "bevkit.models.bevdepth.patches:PATCHES",
-}
+PATCH_SETS: Dict[str, str] = {"common": "bevkit.compat:PATCHES",
+                              **{spec.name: spec.patch_set for spec in all_specs() if spec.patch_set}}
 
 
 class PatchTargetMissing(RuntimeError):
@@ -168,7 +167,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for set_name in args.sets or list(PATCH_SETS):
         try:
             rows = load_patch_set(set_name).describe()
-        except Exception as exc:  # a model set needs its upstream importable
+        except ImportError as exc:  # a model set may import its upstream's packages
             print(f"[{set_name}] not loadable here: {type(exc).__name__}: {exc}")
             status = 1
             continue

@@ -1,43 +1,36 @@
 """Compare runs: a Markdown table of one or more results.json beside the reference results, and PNG plots.
 
     tools/report RUN_OR_RESULTS [...] [--out DIR] [--all-references]
+    tools/report --gate RUN_OR_RESULTS [...]
+    tools/report --reference-table
 
-Writes ``DIR/report.md``, ``DIR/loss.png`` and ``DIR/step_time.png`` (default DIR: ``report/`` inside the
-first run folder) and prints the Markdown. The reference numbers are those of
-``reference/ANCHORS.md`` ("Reference results"), embedded below with their sources.
+Writes ``DIR/report.md`` (runs, accuracy gates, links to each run's pictures of predictions), ``DIR/loss.png``
+and ``DIR/step_time.png`` (default DIR: ``report/`` inside the first run folder) and prints the Markdown.
+``--gate`` only judges accuracy (:mod:`bevkit.gate`) and exits 1 when a run fails its gate. The reference results
+are each model's data (``ModelSpec.references``: ``fbocc/reference.json``, ``bevdepth/reference.json``, with their
+sources), the same numbers as README.md.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from bevkit import gate
+from bevkit.registry import all_specs
 from bevkit.results import display_metrics, load_results
+from bevkit.visualize import PICTURES_DIR
 
-#: ANCHORS.md "Reference results": FPS = global batch / mean step time. Accuracy in the units of
-#: metrics.json (bevkit.results.METRIC_DISPLAY): mIoU in %, mAP / NDS as devkit fractions.
-REFERENCES: List[Dict[str, Any]] = [
-    {"model": "fbocc", "source": "DrivingSDK FBOCC README", "where": "Atlas 800T A2 (NPU)", "device": "npu",
-     "cards": 8, "global_batch": 32, "schedule": "80,040 iters (20 ep)", "step_ms": 1538.0, "fps": 20.80,
-     "accuracy": {"miou": 39.85}},
-    {"model": "fbocc", "source": "DrivingSDK FBOCC README", "where": "competitor GPU", "device": "cuda",
-     "cards": 8, "global_batch": 32, "schedule": "80,040 iters (20 ep)", "step_ms": 952.0, "fps": 33.61,
-     "accuracy": {"miou": 39.80}},
-    {"model": "fbocc", "source": "NVlabs/FB-BEV README", "where": "16 GPUs x 4", "device": "cuda",
-     "cards": 16, "global_batch": 64, "schedule": "39,980 iters", "step_ms": None, "fps": None,
-     "accuracy": {"miou": 39.1}},
-    {"model": "bevdepth", "source": "DrivingSDK BEVDepth README", "where": "Atlas 800T A2 (NPU)", "device": "npu",
-     "cards": 8, "global_batch": 64, "schedule": "24 epochs", "step_ms": None, "fps": 32.29,
-     "accuracy": {"map": 0.3253, "nds": 0.4332}},
-    {"model": "bevdepth", "source": "DrivingSDK BEVDepth README", "where": "competitor GPU", "device": "cuda",
-     "cards": 8, "global_batch": 64, "schedule": "24 epochs", "step_ms": None, "fps": 22.11,
-     "accuracy": {"map": 0.3233, "nds": 0.4336}},
-    {"model": "bevdepth", "source": "Megvii BEVDepth README", "where": "8 GPUs", "device": "cuda",
-     "cards": 8, "global_batch": 64, "schedule": "24 epochs", "step_ms": None, "fps": None,
-     "accuracy": {"map": 0.3304, "nds": 0.4355}},
-]
+
+def references(models: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+    """Reference rows of the registered models (or of ``models``), from each model's reference file. FPS =
+    global batch / mean step time. Accuracy in the units of metrics.json (ModelSpec.metrics): mIoU in %,
+    mAP / NDS as devkit fractions."""
+    return [row for spec in all_specs() if models is None or spec.name in models for row in spec.reference_rows()]
+
 
 ACCURACY_NAMES = ("mIoU", "mAP", "NDS")
 
@@ -50,19 +43,35 @@ def _num(value: Any, digits: int = 2) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def accuracy_text(metrics: Mapping[str, Any]) -> str:
+def accuracy_text(metrics: Mapping[str, Any], model: Optional[str] = None) -> str:
     """'mIoU 39.85' / 'mAP 32.53 / NDS 43.32' in the reference tables' units (%)."""
-    parts = [f"{name} {_num(value)}" for name, value in display_metrics(metrics) if name in ACCURACY_NAMES]
+    parts = [f"{name} {_num(value)}" for name, value in display_metrics(metrics, model)
+             if name in ACCURACY_NAMES]
     return " / ".join(parts) or "-"
 
 
 def reference_for(run: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
     """The reference row measured on the same device type, card count and global batch, if any."""
-    for ref in REFERENCES:
+    for ref in references([run.get("model")]):
         if (ref["model"] == run.get("model") and ref["device"] == run.get("device") and ref["fps"]
                 and ref["cards"] == run.get("world_size") and ref["global_batch"] == run.get("global_batch")):
             return ref
     return None
+
+
+def reference_table(models: Optional[Sequence[str]] = None) -> str:
+    """The reference results as a Markdown table (README.md carries it, tools/report appends it)."""
+    refs = references(models)
+    if not refs:
+        return ""
+    lines = ["| Model | Source | Where | Cards | Global batch | Schedule | Step time (ms) | FPS | Accuracy |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for ref in refs:
+        accuracy = accuracy_text(ref["accuracy"], ref["model"]) + (f" ({ref['note']})" if ref.get("note") else "")
+        lines.append("| " + " | ".join([
+            ref["model"], ref["source"], ref["where"], str(ref["cards"]), str(ref["global_batch"]),
+            ref["schedule"], _num(ref["step_ms"], 0), _num(ref["fps"]), accuracy]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def run_label(run: Mapping[str, Any]) -> str:
@@ -84,25 +93,44 @@ def markdown(runs: Sequence[Mapping[str, Any]], all_references: bool = False) ->
             _num(run.get("global_batch")), f"{run.get('steps', 0)} ({run.get('warmup_steps', 0)})",
             f"{_num(mean * 1000 if mean is not None else None, 1)} / "
             f"{_num(median * 1000 if median is not None else None, 1)}",
-            _num(run.get("fps")), vs, accuracy_text(run.get("metrics") or {}),
+            _num(run.get("fps")), vs, accuracy_text(run.get("metrics") or {}, run.get("model")),
             f"{_num(run.get('loss_first'), 4)} -> {_num(run.get('loss_last'), 4)}",
             f"{run.get('status', '?')} (exit {run.get('exit_code', '?')})",
         ]) + " |")
-    models = {r.get("model") for r in runs}
-    refs = [r for r in REFERENCES if all_references or r["model"] in models]
-    if refs:
-        lines += ["", "## Reference results (reference/ANCHORS.md)", "",
-                  "| Model | Source | Where | Cards | Global batch | Schedule | Step time (ms) | FPS | Accuracy |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for ref in refs:
-            lines.append("| " + " | ".join([
-                ref["model"], ref["source"], ref["where"], str(ref["cards"]), str(ref["global_batch"]),
-                ref["schedule"], _num(ref["step_ms"], 0), _num(ref["fps"]), accuracy_text(ref["accuracy"]),
-            ]) + " |")
+    models = sorted({r.get("model") for r in runs if r.get("model")})
+    table = reference_table(None if all_references else models)
+    if table:
+        files = ", ".join(spec.references for spec in all_specs() if spec.references)
+        lines += ["", f"## Reference results ({files})", "", table.rstrip("\n")]
     lines += ["", "FPS = global batch / mean step time over the steps after the warm-up (median in results.json "
               "as fps_median). Reference FPS: DrivingSDK averages the last logged iterations. Compare FPS only "
               "at the same cards and global batch (the FPS vs reference column does that)."]
     return "\n".join(lines) + "\n"
+
+
+def gate_section(runs: Sequence[Mapping[str, Any]]) -> str:
+    """Each run's accuracy gate (``tools/report --gate`` gives the same verdicts with an exit code)."""
+    lines = ["", "## Accuracy gate", "", "```"]
+    lines += [gate.evaluate(run).text() for run in runs]
+    return "\n".join(lines + ["```", ""])
+
+
+def pictures_section(runs: Sequence[Mapping[str, Any]], out_dir: Path) -> str:
+    """Links to the pictures of predictions each run folder holds (``pictures/``: written after evaluation
+    runs, more with ``tools/visualize RUN_DIR``), relative to the report's folder."""
+    lines: List[str] = []
+    for run in runs:
+        folder = Path(run.get("_path", "")).parent / PICTURES_DIR
+        pngs = sorted(folder.glob("*.png")) if folder.is_dir() else []
+        if not pngs:
+            continue
+        lines += ["", f"### {run_label(run)} ({run.get('model')} {run.get('mode')})", ""]
+        for png in pngs:
+            link = os.path.relpath(png, out_dir)
+            lines.append(f"![{png.stem}]({link})")
+    if not lines:
+        return ""
+    return "\n".join(["", "## Pictures of predictions"] + lines) + "\n"
 
 
 def _series(run: Mapping[str, Any], key: str) -> tuple:
@@ -156,11 +184,23 @@ def plot(runs: Sequence[Mapping[str, Any]], out_dir: Path) -> List[Path]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="tools/report", description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", type=Path, help="results.json files or run folders")
+    p.add_argument("runs", nargs="*", type=Path, help="results.json files or run folders")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: report/ inside the first run folder)")
     p.add_argument("--all-references", action="store_true", help="list the references of every model")
+    p.add_argument("--reference-table", action="store_true",
+                   help="print the reference results table (README.md's) and exit")
+    p.add_argument("--gate", action="store_true",
+                   help="only judge each run's accuracy against its model's reference data (the 'reference' gate, "
+                        "or 'demo' for demo runs): PASS/FAIL with the tolerances used; exit 1 on FAIL")
     args = p.parse_args(argv)
+    if args.reference_table:
+        print(reference_table(), end="")
+        return 0
+    if not args.runs:
+        p.error("name at least one results.json or run folder")
+    if args.gate:
+        return gate.main(args.runs)
     try:
         runs = [load_results(path) for path in args.runs]
     except (FileNotFoundError, ValueError) as e:
@@ -168,7 +208,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     out_dir = args.out or Path(runs[0]["_path"]).parent / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = markdown(runs, all_references=args.all_references)
+    text = markdown(runs, all_references=args.all_references) + gate_section(runs) + pictures_section(runs, out_dir)
     (out_dir / "report.md").write_text(text, encoding="utf-8")
     pngs = plot(runs, out_dir)
     print(text)

@@ -1,9 +1,10 @@
 """Structured results of a run: steady-state statistics, ``results.json``, the Ascend ModelZoo summary.
 
 In the training processes, evaluation code calls :func:`write_metrics` (global rank 0) to leave its
-accuracy numbers in ``$BEVKIT_RUN_DIR/metrics.json``. After torchrun exits, the launcher calls
-:func:`build_results` + :func:`write_results`, which read ``steps.jsonl`` (see :mod:`bevkit.timing`) and
-``metrics.json`` and write ``results.json`` and ``<Network>_bs<B>_<N>p_<mode>.log``.
+accuracy numbers in ``$BEVKIT_RUN_DIR/metrics.json``. After torchrun exits, the launcher builds a
+:class:`Results` (:func:`build_results`, from ``steps.jsonl`` (see :mod:`bevkit.timing`) and ``metrics.json``)
+and :func:`write_results`, the one writer of ``results.json`` (schema :data:`SCHEMA_VERSION`), writes it with
+``<Network>_bs<B>_<N>p_<mode>.log``.
 
 Statistics (documented in results.json itself under ``definitions``):
 
@@ -11,7 +12,7 @@ Statistics (documented in results.json itself under ``definitions``):
   more steps, never all of them); ``BEVKIT_WARMUP_STEPS`` / ``--warmup-steps`` overrides it.
 - ``step_time_mean_s`` / ``step_time_median_s``: over the steps after the warm-up.
 - ``fps`` = global batch / ``step_time_mean_s`` (the reference's definition: DrivingSDK averages the
-  last logged iterations, ANCHORS.md); ``fps_median`` = global batch / ``step_time_median_s`` (robust
+  last logged iterations of its runs); ``fps_median`` = global batch / ``step_time_median_s`` (robust
   to evaluation or checkpoint steps).
 
 Importing this module never imports torch.
@@ -23,24 +24,35 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import tempfile
+from collections.abc import Mapping as MappingABC
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from bevkit import REPO_ROOT, __version__
+from bevkit import __version__, env
+from bevkit.registry import all_specs, get_spec
+from bevkit.provenance import collect_versions
 
 METRICS_FILE = "metrics.json"
 RESULTS_FILE = "results.json"
 SCHEMA_VERSION = 1
 
-#: metric key in metrics.json -> (display name, factor to the unit of the reference tables).
-#: Stored values keep the evaluators' own units: FB-OCC ``miou`` is a percentage (upstream's
-#: ``Overall``); BEVDepth ``map``/``nds`` are nuScenes-devkit fractions (0-1), shown as % like the
-#: READMEs; the TP errors (``mate``...) are devkit units (metres, 1-IoU, radians, m/s, 1-acc).
-METRIC_DISPLAY = {"miou": ("mIoU", 1.0), "map": ("mAP", 100.0), "nds": ("NDS", 100.0),
-                  "mate": ("mATE", 1.0), "mase": ("mASE", 1.0), "maoe": ("mAOE", 1.0),
-                  "mave": ("mAVE", 1.0), "maae": ("mAAE", 1.0)}
+
+def metric_display(model: Optional[str] = None) -> Dict[str, Tuple[str, float]]:
+    """metrics.json key -> (display name, factor to the unit of the reference tables), from the model's
+    spec (``ModelSpec.metrics``; every registered model's when ``model`` is unknown). Stored values keep the
+    evaluators' own units: FB-OCC ``miou`` is a percentage (upstream's ``Overall``); BEVDepth ``map``/``nds``
+    are nuScenes-devkit fractions (0-1), shown as % like the READMEs; the TP errors (``mate``...) are devkit
+    units (metres, 1-IoU, radians, m/s, 1-acc)."""
+    try:
+        specs = [get_spec(model)] if model else all_specs()
+    except KeyError:  # a model that is not registered (a test spec, a run of another kit version)
+        specs = all_specs()
+    display: Dict[str, Tuple[str, float]] = {}
+    for spec in specs:
+        display.update(spec.metrics)
+    return display
 #: mode -> tag in the Ascend-style case name (DrivingSDK wrote FBOCC_bs4_8p_{full,perf}.log)
 MODE_TAG = {"full": "full", "performance": "perf", "eval": "eval", "smoke": "smoke"}
 
@@ -115,13 +127,13 @@ def write_metrics(metrics: Mapping[str, Any], run_dir=None) -> Optional[Path]:
     """Record accuracy metrics of this run in ``$BEVKIT_RUN_DIR/metrics.json`` (merged with earlier calls).
 
     Keys: FB-OCC ``miou`` (%) and ``per_class_iou`` ({class: %}); BEVDepth ``map``, ``nds`` (devkit
-    fractions 0-1), ``mate``, ``mase``, ``maoe``, ``mave``, ``maae`` (devkit units); see METRIC_DISPLAY.
+    fractions 0-1), ``mate``, ``mase``, ``maoe``, ``mave``, ``maae`` (devkit units); see :func:`metric_display`.
     Call it on global rank 0; on other ranks it does nothing. Outside a launcher run (no BEVKIT_RUN_DIR
     and no run_dir) it does nothing and returns None.
     """
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return None
-    run_dir = run_dir or os.environ.get("BEVKIT_RUN_DIR")
+    run_dir = run_dir or env.get("BEVKIT_RUN_DIR")
     if not run_dir:
         return None
     path = Path(run_dir) / METRICS_FILE
@@ -202,159 +214,90 @@ def summarize_steps(records: Sequence[Mapping[str, Any]], warmup: Optional[int] 
     return out
 
 
-# ------------------------------------------------------------------------------------ provenance
-def _dist_version(*names: str) -> Optional[str]:
-    # importlib.metadata reads installed metadata without importing the package: torch_npu and
-    # mx_driving break `import` on machines without CANN, and importing torch costs seconds.
-    try:
-        from importlib import metadata
-    except ImportError:  # pragma: no cover - Python < 3.8
-        return None
-    for name in names:
-        for spelling in {name, name.replace("_", "-"), name.replace("-", "_")}:
-            try:
-                return metadata.version(spelling)
-            except Exception:
-                continue
-    return None
-
-
-def cann_version(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
-    """CANN toolkit version from its install info file (no CANN import), or None."""
-    env = os.environ if environ is None else environ
-    homes = [env.get(k) for k in ("ASCEND_TOOLKIT_HOME", "ASCEND_HOME_PATH") if env.get(k)]
-    homes.append("/usr/local/Ascend/ascend-toolkit/latest")
-    for home in homes:
-        for name in ("ascend_toolkit_install.info", "version.info", "version.cfg"):
-            path = Path(home) / name
-            try:
-                text = path.read_text(encoding="utf-8", errors="replace")
-            except OSError:
-                continue
-            for line in text.splitlines():
-                key, _, value = line.partition("=")
-                if key.strip().lower() in ("version", "toolkit_version", "runtime_running_version"):
-                    return value.strip().strip('"[]').split(":")[0] or None
-    return None
-
-
-def collect_versions(environ: Optional[Mapping[str, str]] = None) -> Dict[str, Optional[str]]:
-    """Versions of the stack that ran (None = not installed)."""
-    return {
-        "python": platform.python_version(),
-        "torch": _dist_version("torch"),
-        "torch_npu": _dist_version("torch_npu", "torch-npu"),
-        "mx_driving": _dist_version("mx_driving", "mx-driving"),
-        "mmcv": _dist_version("mmcv-full", "mmcv"),
-        "mmdet": _dist_version("mmdet"),
-        "mmdet3d": _dist_version("mmdet3d"),
-        "mmsegmentation": _dist_version("mmsegmentation"),
-        "pytorch_lightning": _dist_version("pytorch-lightning"),
-        "numpy": _dist_version("numpy"),
-        "cann": cann_version(environ),
-        "platform": platform.platform(),
-    }
-
-
-def _sha256(path: Path) -> Optional[str]:
-    import hashlib
-
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return None
-
-
-def _git_head(path: Path) -> Optional[str]:
-    try:
-        out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (out.stdout.strip() or None) if out.returncode == 0 else None
-
-
-def upstream_info(name: Optional[str], checkout: Optional[Path] = None) -> Dict[str, Any]:
-    """Upstream provenance: pinned commit, the checkout's commit and patch state, sha256 of our patches.
-
-    Read from bevkit.upstream (registry + read-only status); best effort: never fails the results.
-    """
-    if not name:
-        return {}
-    info: Dict[str, Any] = {"name": name, "pinned_commit": None, "commit": None,
-                            "checkout": str(checkout) if checkout else None, "state": None, "patches": {}}
-    try:
-        from bevkit import upstream as up
-
-        entry = up.get(name)
-        info["pinned_commit"] = entry.commit
-        info["url"] = entry.url
-        for rel in entry.patches:
-            path = Path(entry.patch_root) / rel
-            info["patches"][str(rel)] = {"sha256": _sha256(path), "state": None}
-        st = up.status(name, dest=checkout) if checkout is not None else up.status(name)
-        info["commit"] = st.commit
-        info["state"] = st.state
-        for rel, state in st.patches:
-            info["patches"].setdefault(str(rel), {"sha256": None})["state"] = state
-        if st.problems:
-            info["problems"] = [f"{what} -> {fix}" for what, fix in st.problems]
-    except Exception as e:  # an old/partial bevkit.upstream, or git missing
-        info["error"] = f"bevkit.upstream: {type(e).__name__}: {e}"
-        if checkout is not None and Path(checkout).is_dir() and not info["commit"]:
-            info["commit"] = _git_head(Path(checkout))
-    return info
-
-
 # ---------------------------------------------------------------------------------------- results
+@dataclass
+class Results(MappingABC):
+    """One run's results.json (schema :data:`SCHEMA_VERSION`); read like a mapping of its JSON keys."""
+
+    model: str
+    display_name: str
+    mode: str
+    device: str
+    nproc_per_node: int
+    nodes: int
+    node_rank: int
+    batch_per_device: Optional[int]
+    stats: Dict[str, Any]                  # summarize_steps(): steps, warm-up, step times, fps, losses
+    metrics: Dict[str, Any]                # metrics.json of the run
+    exit_code: int
+    e2e_duration_s: Optional[float]
+    versions: Dict[str, Any]               # bevkit.provenance.collect_versions()
+    upstream: Dict[str, Any]               # bevkit.provenance.upstream_info()
+    per_step: Dict[str, List[Any]]         # step, time_s, loss arrays
+    run: Dict[str, Any] = field(default_factory=dict)  # the launcher's facts: run_dir, max_steps, host, files
+    kit_version: str = __version__
+    schema: int = SCHEMA_VERSION
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nodes
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.exit_code == 0 else "failed"
+
+    def to_dict(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {
+            "schema": self.schema, "model": self.model, "display_name": self.display_name, "mode": self.mode,
+            "device": self.device, "device_count": self.world_size, "world_size": self.world_size,
+            "nproc_per_node": self.nproc_per_node, "nodes": self.nodes, "node_rank": self.node_rank,
+            "batch_per_device": self.batch_per_device, **self.stats, "metrics": dict(self.metrics),
+            "exit_code": self.exit_code, "status": self.status, "e2e_duration_s": self.e2e_duration_s,
+            "versions": dict(self.versions), "upstream": dict(self.upstream), "kit_version": self.kit_version,
+            "definitions": DEFINITIONS,
+        }
+        if self.nodes > 1 and self.node_rank != 0:
+            out["note"] = ("steps.jsonl and metrics.json are written by global rank 0 (node 0); "
+                           "read node 0's results.json")
+        out.update(self.run)
+        out["per_step"] = self.per_step
+        return _jsonable(out)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
+
+
 def build_results(*, records: Sequence[Mapping[str, Any]], metrics: Mapping[str, Any], model: str,
                   display_name: str, mode: str, device: str, nproc_per_node: int, nnodes: int,
                   node_rank: int = 0, batch_per_device: Optional[int] = None, exit_code: int = 0,
                   e2e_duration_s: Optional[float] = None, warmup: Optional[int] = None,
                   versions: Optional[Mapping[str, Any]] = None, upstream: Optional[Mapping[str, Any]] = None,
-                  extra: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+                  extra: Optional[Mapping[str, Any]] = None) -> Results:
     world_size = nproc_per_node * nnodes
     launcher_batch = batch_per_device * world_size if batch_per_device else None
     stats = summarize_steps(records, warmup=warmup, global_batch=launcher_batch)
-    results: Dict[str, Any] = {
-        "schema": SCHEMA_VERSION,
-        "model": model,
-        "display_name": display_name,
-        "mode": mode,
-        "device": device,
-        "device_count": world_size,
-        "world_size": world_size,
-        "nproc_per_node": nproc_per_node,
-        "nodes": nnodes,
-        "node_rank": node_rank,
-        "batch_per_device": batch_per_device,
-        **stats,
-        "metrics": dict(metrics),
-        "exit_code": exit_code,
-        "status": "ok" if exit_code == 0 else "failed",
-        "e2e_duration_s": e2e_duration_s,
-        "versions": dict(versions) if versions is not None else collect_versions(),
-        "upstream": dict(upstream or {}),
-        "kit_version": __version__,
-        "definitions": DEFINITIONS,
-    }
-    if nnodes > 1 and node_rank != 0:
-        results["note"] = ("steps.jsonl and metrics.json are written by global rank 0 (node 0); "
-                           "read node 0's results.json")
-    if extra:
-        results.update(extra)
-    results["per_step"] = {
-        "step": [r.get("step") for r in records],
-        "time_s": [r.get("time_s") for r in records],
-        "loss": [r.get("loss") for r in records],
-    }
-    return _jsonable(results)
+    if batch_per_device is None and stats["global_batch"]:  # the runner counted the samples
+        batch_per_device = stats["global_batch"] // world_size
+    return Results(
+        model=model, display_name=display_name, mode=mode, device=device, nproc_per_node=nproc_per_node,
+        nodes=nnodes, node_rank=node_rank, batch_per_device=batch_per_device, stats=stats,
+        metrics=dict(metrics), exit_code=exit_code, e2e_duration_s=e2e_duration_s,
+        versions=dict(versions) if versions is not None else collect_versions(), upstream=dict(upstream or {}),
+        per_step={"step": [r.get("step") for r in records], "time_s": [r.get("time_s") for r in records],
+                  "loss": [r.get("loss") for r in records]},
+        run=dict(extra or {}))
 
 
-def display_metrics(metrics: Mapping[str, Any]) -> List[Tuple[str, float]]:
-    """(name, value in the reference tables' unit) for the known scalar metrics, in a fixed order."""
+def display_metrics(metrics: Mapping[str, Any], model: Optional[str] = None) -> List[Tuple[str, float]]:
+    """(name, value in the reference tables' unit) for the model's scalar metrics, in its order."""
     out = []
-    for key, (name, factor) in METRIC_DISPLAY.items():
+    for key, (name, factor) in metric_display(model).items():
         value = metrics.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             out.append((name, float(value) * factor))
@@ -401,7 +344,7 @@ def ascend_summary(results: Mapping[str, Any]) -> Tuple[str, List[str], List[str
         ("ActualLoss", _fmt(results.get("loss_last"), 4)),
     ]
     metric_lines = []
-    for display, value in display_metrics(results.get("metrics") or {}):
+    for display, value in display_metrics(results.get("metrics") or {}, results.get("model")):
         kv.append((display, _fmt(value, 4)))
         metric_lines.append(f"{display} : {_fmt(value, 4)}")
     kv += [("Steps", str(results.get("steps"))), ("ExitCode", str(results.get("exit_code"))),
@@ -414,13 +357,14 @@ def ascend_summary(results: Mapping[str, Any]) -> Tuple[str, List[str], List[str
 
 
 def write_results(run_dir, results: Mapping[str, Any]) -> Tuple[Path, Path, List[str]]:
-    """Write results.json and the Ascend-style log into run_dir (both atomically).
+    """Write results.json and the Ascend-style log into run_dir (both atomically): the one place results.json
+    is written.
 
     Returns (results path, log path, the lines to print at the end of the run).
     """
     run_dir = Path(run_dir)
+    results = results.to_dict() if isinstance(results, Results) else dict(results)
     log_name, lines, printed = ascend_summary(results)
-    results = dict(results)
     results.setdefault("files", {})
     results["files"] = {**results["files"], "ascend_log": log_name}
     path = atomic_write_json(run_dir / RESULTS_FILE, results)
@@ -435,5 +379,7 @@ def load_results(path) -> Dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no results.json at {path}: pass a results.json or a run folder")
     data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or data.get("schema", 0) > SCHEMA_VERSION:
+        raise ValueError(f"{path}: not a results.json of schema <= {SCHEMA_VERSION} (written by a newer kit?)")
     data.setdefault("_path", str(path))
     return data

@@ -18,7 +18,6 @@ tree. CLI: ``python -m bevkit.upstream {status,materialize,install,list}``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import re
@@ -31,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from . import REPO_ROOT
+from bevkit import REPO_ROOT
+from bevkit.registry import Upstream, all_specs
 
 #: Where checkouts live (default: <repo>/upstream). Tests and side-by-side installs point it elsewhere.
 UPSTREAM_DIR_ENV = "BEVKIT_UPSTREAM_DIR"
@@ -46,47 +46,11 @@ _IMPORT_ENV = {
 }
 
 
-@dataclass(frozen=True)
-class Upstream:
-    """One upstream repository the kit runs, pinned."""
-
-    name: str                      # registry key and checkout folder name
-    model: str                     # kit model using it ('fbocc' / 'bevdepth')
-    url: str                       # default source (git clone)
-    commit: str                    # pinned commit
-    tree: str                      # that commit's tree id: verifies a source archive without history
-    patches: Tuple[str, ...] = ()  # patch files (relative to patch_root), applied in this order
-    src_env: str = ""              # environment variable naming a local source
-    src_option: str = ""           # setup.sh option naming a local source
-    #: entries (relative to the checkout) the launcher puts first on PYTHONPATH; the upstreams are not
-    #: pip-installed: FB-BEV vendors its own mmdet3d, which must shadow the PyPI one BEVDepth uses.
-    pythonpath: Tuple[str, ...] = (".",)
-    #: profiles on which the upstream's own CUDA extensions are built in place (elsewhere the kit's ops
-    #: replace them, and its setup.py cannot build without CUDA).
-    build_profiles: Tuple[str, ...] = ("cuda",)
-    build_command: Tuple[str, ...] = ("setup.py", "build_ext", "--inplace")
-    patch_root: Path = field(default=REPO_ROOT, compare=False)
-
-
-#: The registry. Patch files belong to the model folders; a listed file that is missing is an error.
-UPSTREAMS: Dict[str, Upstream] = {
-    "FB-BEV": Upstream(
-        name="FB-BEV", model="fbocc",
-        url="https://github.com/NVlabs/FB-BEV.git",
-        commit="6e25469256d98e7fcb52cc43efe812dc2fd2b446",
-        tree="c428ac7bd504807dd6650242878747b25e34f638",
-        patches=("fbocc/fbocc.patch",),
-        src_env="FBBEV_SRC", src_option="--fbbev-src",
-    ),
-    "BEVDepth": Upstream(
-        name="BEVDepth", model="bevdepth",
-        url="https://github.com/Megvii-BaseDetection/BEVDepth.git",
-        commit="d78c7b58b10b9ada940462ba83ab24d99cae5833",
-        tree="acfcdd64d014088f7bcf61692ed45b73d6104f04",
-        patches=("bevdepth/bevdepth.patch",),
-        src_env="BEVDEPTH_SRC", src_option="--bevdepth-src",
-    ),
-}
+#: The registry, built from the model specs (each model defines its pinned upstream in
+#: ``bevkit/models/<name>/__init__.py``). Patch files belong to the model folders; a listed file that is missing
+#: is an error.
+UPSTREAMS: Dict[str, Upstream] = {spec.upstream.name: spec.upstream for spec in all_specs()
+                                  if isinstance(spec.upstream, Upstream)}
 
 
 class UpstreamError(RuntimeError):

@@ -133,7 +133,7 @@ def lidar_coor_rank6():
     import torch
 
     activated()
-    from bevkit.models.fbocc.patches import lidar_coor_rank6 as ours
+    from bevkit.models.fbocc.patches.npu import lidar_coor_rank6 as ours
     from mmdet3d.models.fbbev.view_transformation.forward_projection.view_transformer import \
         LSSViewTransformerFunction3D
 
@@ -154,7 +154,7 @@ def cam2ego_coor_rank6():
     import torch
 
     activated()
-    from bevkit.models.fbocc.patches import cam2ego_coor_rank6 as ours
+    from bevkit.models.fbocc.patches.npu import cam2ego_coor_rank6 as ours
     from mmdet3d.models.fbbev.view_transformation.forward_projection.view_transformer import \
         LSSViewTransformerFunction3D
 
@@ -173,7 +173,7 @@ def point_sampling_rank6():
     import torch
 
     activated()
-    from bevkit.models.fbocc.patches import point_sampling_rank6 as ours
+    from bevkit.models.fbocc.patches.npu import point_sampling_rank6 as ours
     from mmdet3d.models.fbbev.view_transformation.backward_projection.bevformer_utils.bevformer_encoder import \
         bevformer_encoder
 
@@ -212,7 +212,7 @@ def da_msda_depth_weighting():
 
     sca = importlib.import_module("mmdet3d.models.fbbev.view_transformation.backward_projection."
                                   "bevformer_utils.spatial_cross_attention_depth")
-    from bevkit.models.fbocc.patches import _level_start_index  # noqa: F401
+    from bevkit.models.fbocc.patches.ops import _level_start_index  # noqa: F401
 
     upstream_forward = applied_original("fbocc-da-msda")
     reference_msda = applied_original("fbocc-msda-self-attn")  # mmcv's multi_scale_deformable_attn_pytorch
@@ -309,7 +309,7 @@ def occ_loss_nan():
     head = OccHead(in_channels=[8], out_channel=19, num_level=1, use_focal_loss=True, empty_idx=18,
                    norm_cfg=dict(type='BN', requires_grad=True), final_occ_size=[40, 40, 4])
     B, C, X, Y, Z = 1, 19, 40, 40, 4
-    logits = torch.randn(B, C, X, Y, Z)
+    logits = torch.randn(B, C, X, Y, Z)  # float32: upstream's Lovasz term casts to float
     logits[0, 3, 1, 2, 0] = float('nan')
     logits[0, 5, 4, 4, 1] = float('inf')
     logits[0, 7, 6, 1, 2] = -float('inf')
@@ -326,6 +326,8 @@ def occ_loss_nan():
     masked = logits * (~(torch.isnan(logits) | torch.isinf(logits)))
     return {"keys_equal": sorted(ours) == sorted(ref),
             "max_abs_err": max(abs(float(ours[k] - ref[k])) for k in ref),
+            "max_rel_err": max(abs(float(ours[k] - ref[k])) / max(abs(float(ref[k])), 1e-30) for k in ref),
+            "n_terms": B * C * X * Y * Z, "grad_max": float(g_ref.abs().max()),
             "finite": all(bool(torch.isfinite(v)) for v in ours.values()),
             "grad_max_abs_err": float((g_ours - g_ref).abs().max()),
             "grad_finite": bool(torch.isfinite(g_ours).all()),
@@ -337,7 +339,7 @@ def conv3d_shortcut():
     import torch
 
     activated()
-    from bevkit.models.fbocc.patches import _conv1x1x1
+    from bevkit.models.fbocc.patches.npu import _conv1x1x1
     from mmdet3d.models.fbbev.modules import resnet3d
 
     make = _conv1x1x1(resnet3d.conv1x1x1)

@@ -147,6 +147,28 @@ def test_single_npu_and_cpu_cuda_setups(fake_npu, monkeypatch):
     assert cuda["accelerator"] == "gpu" and cuda["precision"] == 16
 
 
+def test_voxel_pooling_is_decided_by_bevkit_ops_even_on_cuda(monkeypatch):
+    """The runtime patch never calls BEVDepth's compiled kernel itself: bevkit.ops dispatch decides, so
+    BEVKIT_OPS_BACKEND=portable is honoured on CUDA tensors too (emulated here)."""
+    from bevkit.device import emulate_device
+    from bevkit.models.bevdepth import patches
+
+    def compiled(*args):
+        raise AssertionError("the upstream kernel was called around bevkit.ops")
+
+    train = patches._voxel_pooling_train(compiled)
+    infer = patches._voxel_pooling_inference(compiled)
+    geom = torch.zeros(1, 2, 3, dtype=torch.int32)
+    geom[0, 1] = torch.tensor([1, 0, 0], dtype=torch.int32)
+    feats = torch.ones(1, 2, 4)
+    monkeypatch.setenv("BEVKIT_OPS_BACKEND", "portable")
+    with emulate_device("cuda"):
+        out = train(geom, feats, [2, 1, 1])
+        pooled = infer(geom.view(1, 1, 2, 1, 1, 3), torch.ones(1, 2, 1, 1), torch.ones(1, 4, 1, 1), [2, 1, 1])
+    assert out.shape == (1, 4, 1, 2) and out.sum() == 8
+    assert pooled.shape == (1, 4, 1, 2) and pooled.sum() == 8
+
+
 def test_optimizer_per_device(fake_npu):
     from bevkit.models.bevdepth.patches import make_optimizer
 
@@ -167,7 +189,7 @@ assert mx_driving.__version__ == "0.0.fake" and torch_npu.FAKE
 from bevkit.device import emulate_device
 from bevkit.models.bevdepth.runtime import activate
 with emulate_device("npu"):
-    activate("npu")
+    activate(device="npu")
     import runpy, torch
     from bevkit.models.bevdepth.patches import PATCHES
     tiny = runpy.run_path(TINY, run_name="tiny")

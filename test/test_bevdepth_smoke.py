@@ -51,4 +51,10 @@ def test_smoke_trains_and_evaluates(bevdepth_checkout, synthetic_root, tmp_path)
     for key in ("map", "nds", "mate", "mase", "maoe", "mave", "maae"):
         assert key in metrics, metrics
     assert 0.0 <= metrics["map"] <= 1.0 and 0.0 <= metrics["nds"] <= 1.0
+    assert set(metrics["per_class_ap"]) >= {"car", "pedestrian"}  # what the demo gate reads
+    # the evaluation left pictures of its predictions: boxes from above, in the cameras, the front camera's depth
+    run_dir = Path(results_line[-1].split(": ", 1)[1]).parent
+    pngs = sorted(p.name for p in (run_dir / "pictures").glob("*.png"))
+    assert len(pngs) == 6 and {p.split("_", 1)[1] for p in pngs} == {"boxes_bev.png", "boxes_cameras.png",
+                                                                      "depth.png"}, pngs
     assert (synthetic_root / "depth_gt").is_dir()  # the script prepared the precomputed depth

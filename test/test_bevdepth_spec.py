@@ -91,6 +91,20 @@ def test_smoke_entry_is_tiny_and_evaluates(tmp_path):
     assert spec.batch_per_device(request) == 2
 
 
+def test_demo_entry_trains_the_demo_experiment_and_evaluates(tmp_path, monkeypatch):
+    import bevkit.models.bevdepth as bevdepth
+
+    spec = get_spec("bevdepth")
+    request = _request(tmp_path, "demo", device="cpu", nproc_per_node=2)
+    argv = spec.build_entry(request)
+    assert argv[1] == str(REPO_ROOT / spec.configs["demo"]) and "--evaluate_after_fit" in argv
+    assert argv[argv.index("-b") + 1] == str(bevdepth.DEMO_BATCH_PER_DEVICE) == str(spec.batch_per_device(request))
+    if bevdepth.DEMO_EPOCHS is not None:
+        assert argv[argv.index("--max_epochs") + 1] == str(bevdepth.DEMO_EPOCHS)
+    monkeypatch.setattr(bevdepth, "DEMO_EPOCHS", None)  # the experiment decides its own schedule
+    assert "--max_epochs" not in spec.build_entry(request)
+
+
 @pytest.mark.parametrize("script,mode", [("train_8p_full.sh", "full"), ("train_8p_performance.sh", "performance"),
                                          ("eval.sh", "eval")])
 def test_scripts_dry_run(script, mode, tmp_path):

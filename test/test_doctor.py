@@ -11,6 +11,7 @@ from bevkit import doctor
 from bevkit.doctor import NA, OK, PROBLEM, WARN
 
 
+@pytest.mark.hardware
 def test_doctor_on_this_machine_reports_cpu_only_and_fails_on_missing_upstream(tmp_path, capsys):
     import torch
 
@@ -39,10 +40,10 @@ def test_unknown_model_is_an_argument_error(capsys):
 
 
 def test_torch_npu_on_a_machine_without_npu_is_a_problem(monkeypatch):
-    monkeypatch.setattr(doctor, "_dist_version", lambda *names: "2.1.0.post17" if "torch-npu" in names else None)
+    monkeypatch.setattr(doctor, "dist_version", lambda *names: "2.1.0.post17" if "torch-npu" in names else None)
     row = doctor.check_torch_npu("cpu", "2.13.0+cpu")
     assert row.status == PROBLEM and "pip uninstall -y torch_npu" in row.fix
-    monkeypatch.setattr(doctor, "_dist_version", lambda *names: None)
+    monkeypatch.setattr(doctor, "dist_version", lambda *names: None)
     assert doctor.check_torch_npu("cpu", "2.13.0+cpu").status == NA
 
 
@@ -69,11 +70,11 @@ def test_cann_version_and_torch_npu_matrix(tmp_path):
 
 def test_torch_npu_must_match_cann_and_torch(tmp_path, monkeypatch):
     env = _fake_cann(tmp_path, "8.3.RC1")
-    monkeypatch.setattr(doctor, "_dist_version", lambda *names: "2.1.0.post12" if "torch-npu" in names else None)
+    monkeypatch.setattr(doctor, "dist_version", lambda *names: "2.1.0.post12" if "torch-npu" in names else None)
     row = doctor.check_torch_npu("npu", "2.1.0", env)
     assert row.status == PROBLEM and "CANN 8.3.RC1 needs torch_npu 2.1.0.post17" in row.detail
     assert "torch-npu==2.1.0.post17" in row.fix
-    monkeypatch.setattr(doctor, "_dist_version", lambda *names: "2.1.0.post17" if "torch-npu" in names else None)
+    monkeypatch.setattr(doctor, "dist_version", lambda *names: "2.1.0.post17" if "torch-npu" in names else None)
     assert doctor.check_torch_npu("npu", "2.1.0", env).status == OK
     row = doctor.check_torch_npu("npu", "2.13.0", env)
     assert row.status == PROBLEM and "built for torch 2.1.0" in row.detail
@@ -91,7 +92,16 @@ def test_pins_follow_the_requirement_files():
     assert doctor.pins("common.txt")["mmdet"] == "2.28.0"
     torch_pin = doctor.pins("cpu.txt")["torch"]
     assert torch_pin.startswith("2.13.0") and torch_pin.endswith("+cpu")
-    assert doctor.pins("npu-accel.txt")["mx-driving"] == "26.1.0.post1"
+    # no PyPI mx-driving is documented with a PyPI torch_npu 2.1.0 build: npu-accel.txt pins none for that stack
+    assert "mx-driving" not in doctor.pins("npu-accel.txt")
+
+
+def test_npu_matrix_rows_follow_the_profile_torch():
+    """npu-cann.tsv lists stacks for several torch versions; setup.sh and doctor pick among the npu profile's."""
+    rows = doctor.npu_matrix()
+    assert rows and all(npu.startswith("2.1.0.post") for _, npu in rows)  # npu.txt installs torch 2.1.0
+    assert doctor.npu_matrix("2.7.1") == [("9.1.0", "2.7.1.post8")]
+    assert doctor.torch_npu_for("9.1.0") == (rows[0][1], None)  # not a torch 2.1.0 CANN: the default, said so
 
 
 def test_missing_data_validator_degrades_to_a_clear_problem(tmp_path, monkeypatch):

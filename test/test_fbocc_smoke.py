@@ -52,3 +52,19 @@ def test_smoke_script_trains_and_evaluates(fbbev_checkout, tmp_path_factory, tmp
     assert evaluation["mode"] == "eval" and evaluation["status"] == "ok"
     metrics = evaluation["metrics"]
     assert 0 <= metrics["miou"] <= 100 and len(metrics["per_class_iou"]) == 17
+
+    # both evaluations (the EMA model in the training run, tools/test.py) leave pictures of their predictions
+    from bevkit import gate, report
+    from bevkit.results import load_results
+
+    for path, run in zip(results, (train, evaluation)):
+        pngs = sorted(p.name for p in (path.parent / "pictures").glob("*.png"))
+        assert len(pngs) == 4 and {p.rsplit("_", 1)[-1] for p in pngs} == {"bev.png", "cameras.png"}, pngs
+        assert sorted(run["files"]["pictures"]) == [f"pictures/{p}" for p in pngs]
+        assert len(list((path.parent / "predictions").glob("*.npz"))) == 6
+    section = report.pictures_section([load_results(results[1])], results[1].parent / "report")
+    assert "](../pictures/" in section and "_occupancy_cameras.png)" in section
+    # a smoke run is held to the reference gate, with a warning about its recipe, and fails it
+    verdict = gate.evaluate(load_results(results[1]))
+    assert verdict.gate == "reference" and not verdict.passed
+    assert any("global batch 2" in w and "gate's 32" in w for w in verdict.warnings), verdict.text()

@@ -54,6 +54,22 @@ def test_spec_custom_config_batch(tmp_path):
     assert get_spec("fbocc").batch_per_device(_request("full", tmp_path, config=cfg)) == 3
 
 
+def test_eval_batch_is_what_tools_test_uses(tmp_path):
+    """tools/test.py evaluates 1 sample per device whatever the config trains with: an eval dry run used to
+    print the training batch ("batch 4/device, global batch 32")."""
+    from bevkit import launch
+
+    spec = get_spec("fbocc")
+    config = REPO / "fbocc/configs/fbocc_r50_8p.py"
+    assert spec.batch_per_device(_request("eval", tmp_path, config=config, checkpoint=tmp_path / "w.pth")) == 1
+    assert spec.batch_per_device(_request("full", tmp_path, config=config)) == 4
+    (tmp_path / "data").mkdir()
+    plan = launch.make_plan(launch.parse(["--model", "fbocc", "--mode", "eval", "--device", "cpu", "--dry-run",
+                                          "--checkpoint", str(tmp_path / "w.pth"), "--data-root",
+                                          str(tmp_path / "data"), "--master-port", "29501"]))
+    assert "batch 1/device, global batch 8" in plan.notes[0] and plan.env_set["BEVKIT_SAMPLES_PER_DEVICE"] == "1"
+
+
 def test_configs_pin_the_reference_recipe():
     text = (REPO / "fbocc/configs/fbocc_r50_8p.py").read_text()
     assert re.search(r"^num_gpus = 8$", text, re.M) and re.search(r"^samples_per_gpu = 4$", text, re.M)
@@ -64,7 +80,7 @@ def test_configs_pin_the_reference_recipe():
 
 
 def test_sync_bn_policy():
-    from bevkit.models.fbocc.patches import sync_bn_policy
+    from bevkit.models.fbocc.config import sync_bn_policy
 
     assert sync_bn_policy("npu", 8) == "sync"
     assert sync_bn_policy("cuda", 2) == "sync"
@@ -99,6 +115,29 @@ def test_rebase_data_paths_follow_data_root(tmp_path):
     assert fresh.load_from == "ckpts/r50_256x705_depth_pretrain.pth"
     assert fresh.data.train.ann_file == f"{root}/bevdetv2-nuscenes_infos_train.pkl"
     assert propagate_shared(cfg) and cfg.data.train.pipeline[0].data_config.input_size == (128, 352)
+
+
+def test_rebase_keeps_paths_the_user_chose(tmp_path):
+    """Only paths that still point at upstream's default data folder follow data_root: a user's
+    --cfg-options data.val.ann_file=... (or occupancy_path=...) is kept."""
+    mmcv = pytest.importorskip("mmcv")
+    from bevkit.models.fbocc.config import rebase_data_paths
+
+    cfg = mmcv.Config(dict(
+        data_root="data/nuscenes/", occupancy_path="data/nuscenes/gts",
+        data=dict(train=dict(ann_file="data/nuscenes/bevdetv2-nuscenes_infos_train.pkl",
+                             occupancy_path="data/nuscenes/gts"),
+                  val=dict(ann_file="data/nuscenes/bevdetv2-nuscenes_infos_val.pkl",
+                           occupancy_path="data/nuscenes/gts"))))
+    root = tmp_path / "nus"
+    mine = str(tmp_path / "elsewhere" / "my_val_infos.pkl")
+    cfg.merge_from_dict({"data_root": str(root), "data.val.ann_file": mine,
+                         "occupancy_path": str(tmp_path / "my_gts")})
+    changed = rebase_data_paths(cfg)
+    assert cfg.data.val.ann_file == mine and mine not in changed  # kept
+    assert cfg.data.train.ann_file == f"{root}/bevdetv2-nuscenes_infos_train.pkl"  # followed data_root
+    assert cfg.occupancy_path == str(tmp_path / "my_gts")  # kept, and the datasets follow it
+    assert cfg.data.train.occupancy_path == cfg.data.val.occupancy_path == str(tmp_path / "my_gts")
 
 
 def test_device_policy_cpu_drops_fp16_and_uses_gloo():
@@ -190,7 +229,7 @@ def test_sync_bn_policy_reverts_hard_coded_syncbn():
     from bevkit.compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()  # mmcv.cnn imports torchvision (CUDA-built wheel on a CPU torch)
-    from bevkit.models.fbocc.patches import apply_sync_bn_policy
+    from bevkit.models.fbocc.config import apply_sync_bn_policy
 
     def make():  # like FBOCC's history convs: a hard-coded nn.SyncBatchNorm on 5-D input
         return nn.Sequential(nn.Conv3d(4, 8, 1), nn.SyncBatchNorm(8), nn.ReLU())
@@ -220,7 +259,7 @@ def test_8p_scripts_dry_run_the_npu_command(script, mode, entry, tmp_path):
 
 
 def test_wrapper_factory_keeps_class_semantics():
-    from bevkit.models.fbocc.patches import _factory_class
+    from bevkit.models.fbocc.patches.device import _factory_class
 
     class Wrapper:  # stands in for MMDistributedDataParallel
         def __init__(self, module, device_ids=None, **kwargs):
@@ -302,3 +341,20 @@ def test_prepare_sets_stale_infos_aside_and_recreates_them(tmp_path_factory, tmp
 
     assert prepare.main([str(data), "--fbbev", str(fbbev), "--no-checkpoints"]) == 0
     assert recreated == [data]  # usable infos are not recreated
+
+
+def test_demo_trains_the_demo_config_with_its_own_batch(tmp_path):
+    """--mode demo trains SPEC.configs['demo'] like a training run; its batch comes from that config (a kit config
+    from the table, any other read with mmcv), so swapping the demo config is one line."""
+    import bevkit.models.fbocc as fbocc
+
+    spec = get_spec("fbocc")
+    demo = REPO / spec.configs["demo"]
+    argv = spec.build_entry(_request("demo", tmp_path, config=demo))
+    assert argv[:2] == ["tools/train.py", str(demo)] and "--work-dir" in argv
+    assert argv == spec.build_entry(_request("demo", tmp_path))  # the default config of the mode
+    expected = fbocc.CONFIG_SAMPLES_PER_DEVICE.get(spec.configs["demo"])
+    if expected is None:
+        expected = fbocc._samples_per_gpu(demo)
+    assert spec.batch_per_device(_request("demo", tmp_path)) == expected
+    assert spec.smoke_eval_checkpoint == "latest.pth" and spec.pictures and spec.gates()["demo"]["checks"]

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from tolerance import sum_atol
 
 REPO = Path(__file__).resolve().parents[1]
 PIN = "6e25469256d98e7fcb52cc43efe812dc2fd2b446"
@@ -101,7 +103,13 @@ def test_focal_loss_through_ops(checks):
 def test_occupancy_loss_clears_nan(checks):
     f = facts(checks, "occ_loss_nan")
     assert f["keys_equal"] and f["finite"] and f["grad_finite"]
-    assert f["max_abs_err"] < 1e-5 and f["grad_max_abs_err"] < 1e-6  # float32
+    # float32 (upstream's Lovasz term casts to float), the same losses summed in another order: each loss is a
+    # mean over n = B*C*X*Y*Z non-negative terms, so the bound of tolerance.py relative to the loss is
+    # sum_atol(n, mean term) / loss = 2*lam*sqrt(n)*u. Each gradient element sums over at most the C=19 classes
+    # (softmax, one-hot), times its own size. What a wrong NaN/Inf handling does is caught by 'finite' above.
+    n = f["n_terms"]
+    assert f["max_rel_err"] <= sum_atol(torch.float32, n, 1.0 / n), f
+    assert f["grad_max_abs_err"] <= sum_atol(torch.float32, 19, f["grad_max"]), f
     assert f["mask_multiply_keeps_nan"]  # why the NPU port's formulation was wrong
 
 
@@ -112,7 +120,12 @@ def test_conv3d_shortcut_rewrite_exact(checks):
 
 def test_model_forward_our_ops_equal_reference_ops(checks):
     f = facts(checks, "model_forward_ops_parity")
-    assert len(f["losses"]) == 2 and f["max_rel_err"] < 1e-4, f  # float32, summation order only
+    # float32, summation order only (the ops reduce in another order than the reference ops). Bound: each of the
+    # ~LAYERS reductions on the way to a loss (convs, pooling, attention, the loss means) adds at most the
+    # relative error of tolerance.py for its fan-in, FAN_IN = 80 channels x 27 taps of the widest 3-D conv.
+    LAYERS, FAN_IN = 30, 80 * 27
+    rtol = LAYERS * sum_atol(torch.float32, FAN_IN, 1.0 / FAN_IN)
+    assert len(f["losses"]) == 2 and f["max_rel_err"] <= rtol, (rtol, f)
 
 
 def test_tiny_model_history_and_depth_aware_gradients(checks):

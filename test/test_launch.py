@@ -296,3 +296,26 @@ def test_unusable_upstream_checkout_is_refused(stub, monkeypatch):
                                              "--data-root", str(stub.data)])
     with pytest.raises(launch.LaunchError, match="not usable:\n  patch fbocc.patch is not applied"):
         launch.make_plan(args, [], environ=dict(BASE_ENV))
+
+
+def test_plan_is_pure_given_the_machine(stub, monkeypatch, tmp_path):
+    """plan(request, machine) starts no process and creates nothing: the machine's facts come in as data."""
+    import subprocess
+
+    def no_process(*args, **kwargs):
+        raise AssertionError(f"plan() started a process: {args}")
+
+    monkeypatch.setattr(subprocess, "run", no_process)
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    machine = launch.Machine(environ=dict(BASE_ENV, NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.9"), cores=4,
+                             upstream_checkout=lambda name: (stub.checkout, [stub.checkout]),
+                             upstream_problems=lambda name: [], free_port=lambda: 1,
+                             detect_device=lambda: "cpu")
+    request = launch.parse(["--model", "stubnet", "--mode", "performance", "--data-root", str(stub.data),
+                            "--work-dir", str(stub.work), "--nproc", "2", "--", "--x", "1"])
+    plan = launch.plan(request, machine)
+    assert plan.argv[:8] == torchrun(2, 2, 1, "10.0.0.9", 29500)  # the environment's cluster shape
+    assert plan.argv[8:] == ["tools/train.py", str(REPO_ROOT / "configs/env/cpu.env"), "--launcher", "pytorch",
+                             "--x", "1"]
+    assert plan.env_set["OMP_NUM_THREADS"] == "2" and plan.request.max_steps == launch.DEFAULT_PERFORMANCE_STEPS
+    assert plan.launch is request and plan.batch_per_device == 4 and not stub.work.exists()

@@ -11,8 +11,10 @@ import torch.nn.functional as F
 import bevkit.ops as ops
 from bevkit.ops import _scatter, bev_pool as bev_pool_mod, dispatch
 from bevkit.ops import voxel_pooling as vp_mod
+from tolerance import sum_tolerance
 
 D64 = torch.float64
+F32 = torch.float32
 
 
 @pytest.fixture(autouse=True)
@@ -71,8 +73,9 @@ def test_bev_pool_v2_upstream_vector():
     assert out.shape == (1, 2, 1, 2, 2) and out.dtype == torch.float32
     assert out.sum().item() == pytest.approx(4.4, abs=1e-6)
     out.sum().backward()
-    assert torch.allclose(depth.grad.view(-1), torch.tensor([2., 2, 0, 0, 2, 0, 2, 0]))
-    assert torch.allclose(feat.grad.view(-1), torch.tensor([1., 1, 0.4, 0.4, 0.8, 0.8, 0, 0]))
+    tol = sum_tolerance(F32, n_terms=2, magnitude=1.0)  # float32 sums of at most 2 terms of size <= 1
+    torch.testing.assert_close(depth.grad.view(-1), torch.tensor([2., 2, 0, 0, 2, 0, 2, 0]), **tol)
+    torch.testing.assert_close(feat.grad.view(-1), torch.tensor([1., 1, 0.4, 0.4, 0.8, 0.8, 0, 0]), **tol)
 
 
 @pytest.mark.parametrize("strategy", ["csr", "chunked"])
@@ -110,7 +113,8 @@ def test_bev_pool_v2_half_inputs_are_computed_in_float32():
     out = ops.bev_pool_v2(depth.half(), feat.half(), rd, rf, rb, shape)
     assert out.dtype == torch.float32
     ref = bev_pool_reference(depth.half().double(), feat.half().double(), rd, rf, rb, shape)
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    # float32 sums of at most P=40 products depth (< 1) x feat (randn), against exact sums of the same halves
+    torch.testing.assert_close(out.double(), ref, **sum_tolerance(F32, n_terms=40, magnitude=1.0))
 
 
 @pytest.mark.parametrize("strategy", ["csr", "chunked"])
@@ -222,8 +226,9 @@ def test_voxel_pooling_train_leading_dims_and_half():
     feats6 = feats.view(2, 2, 3, 2, 2, 8)
     out = ops.voxel_pooling_train(geom6, feats6.half(), (4, 3, 2))
     assert out.dtype == torch.float16
+    # float32 sums of at most 24 randn features per cell, rounded to float16
     torch.testing.assert_close(out.double(), voxel_reference(geom, feats.half().double(), (4, 3, 2)),
-                               rtol=2e-3, atol=2e-3)
+                               **sum_tolerance(F32, n_terms=24, magnitude=1.0, result_dtype=torch.float16))
 
 
 def test_voxel_pooling_train_gradcheck():
@@ -264,9 +269,10 @@ def test_voxel_pooling_inference_half_and_shape_errors():
     geom, depth, context = inference_case(1, c=3)
     out = ops.voxel_pooling_inference(geom, depth.half(), context.half(), [4, 3, 2])
     assert out.dtype == torch.float16
+    # float32 sums of at most Ncam*D*H*W = 36 products depth x context per cell, rounded to float16
     torch.testing.assert_close(out.double(), inference_reference(geom, depth.half().double(),
                                                                  context.half().double(), (4, 3, 2)),
-                               rtol=2e-3, atol=2e-3)
+                               **sum_tolerance(F32, n_terms=36, magnitude=1.0, result_dtype=torch.float16))
     with pytest.raises(ValueError, match="expected depth"):
         ops.voxel_pooling_inference(geom, depth[:1], context, (4, 3, 2))
 
@@ -337,12 +343,16 @@ def test_msda_wide_heads_gradcheck():
         (value.requires_grad_(), loc.requires_grad_(), attn.requires_grad_()))
 
 
-def test_msda_float32_output_for_half_inputs():
+def test_msda_half_inputs_give_half_output():
+    """mmcv's MultiScaleDeformableAttnFunction and mx_driving (outside autocast) return value's dtype."""
     value, shapes, starts, loc, attn = msda_case(1, nq=2)
     out = ops.multi_scale_deformable_attn(value.half(), shapes, starts, loc.half(), attn.half())
-    assert out.dtype == torch.float32
+    assert out.dtype == torch.float16
     ref = msda_reference(value.half().double(), shapes, starts, loc.half().double(), attn.half().double())
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    # computed in float32: L*P = 4 samples of 4 bilinear taps each, weights < 1; the result rounded to float16
+    torch.testing.assert_close(out.double(), ref, **sum_tolerance(F32, n_terms=16, magnitude=1.0,
+                                                                 result_dtype=torch.float16))
+    assert ops.multi_scale_deformable_attn(value.float(), shapes, starts, loc.half(), attn.half()).dtype == F32
 
 
 def test_msda_rejects_bad_shapes():
@@ -577,11 +587,15 @@ def test_deform_conv2d_matches_mmcv_compiled_cpu_kernel():
     ours = ops.deform_conv2d(inp, offset, weight, **kw)
     theirs = mod.deform_conv2d(inp, offset, weight, kw["stride"], kw["padding"], kw["dilation"], kw["groups"],
                                kw["deform_groups"], False, 32)
-    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    # Largest float32 sums: an output is Cin/groups * k*k = 18 samples of 4 bilinear taps (72 terms); a weight
+    # gradient N*Ho*Wo = 40 terms; an input gradient up to Cout/groups * k*k * 4 = 72 terms. Offsets are 1.5 randn,
+    # so offset gradients carry pixel differences of size ~2.
+    tol = sum_tolerance(F32, n_terms=72, magnitude=2.0)
+    torch.testing.assert_close(ours, theirs, **tol)
     g = torch.randn_like(ours)
     for a, b in zip(torch.autograd.grad(ours, (inp, offset, weight), g),
                     torch.autograd.grad(theirs, (inp, offset, weight), g)):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(a, b, **tol)
 
 
 def test_msda_matches_mmcv_pytorch_fallback():
@@ -627,7 +641,9 @@ def test_mmcv_signature_drop_in_and_broadcast_reference_points():
     value, shapes, starts, loc, attn = msda_case(4)
     out = ops.multi_scale_deformable_attn_pytorch(value.float(), shapes, loc.float(), attn.float())
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out.double(), msda_reference(value, shapes, starts, loc, attn), rtol=1e-5, atol=1e-5)
+    # float32 inputs rounded from float64 and float32 sums of L*P = 4 samples of 4 bilinear taps, weights < 1
+    torch.testing.assert_close(out.double(), msda_reference(value, shapes, starts, loc, attn),
+                               **sum_tolerance(F32, n_terms=16, magnitude=1.0))
     value, shapes, starts, loc, attn, depth_prob, ref_pts, bins = depth_case(3)
     bs, nq, nz, _ = ref_pts.shape
     flat = ops.depth_weighted_deformable_attn(value, shapes, starts, loc, attn, depth_prob, ref_pts, bins)
@@ -705,3 +721,232 @@ def test_rebound_mmcv_functions_do_not_recurse(monkeypatch):
         focal = ops.sigmoid_focal_loss(pred, target, reduction="sum")
     torch.testing.assert_close(dcn, deform_conv_reference(inp, offset, weight, 1, 1, 1, 1, 1))
     torch.testing.assert_close(focal, focal_reference(pred, target, 2.0, 0.25, None).sum())
+
+
+# ------------------------------------------------------------------ inputs the models never produce (kernel parity)
+
+
+def bev_pool_kernel_reference(depth, feat, rd, rf, rb, shape, starts, lengths):
+    """The upstream CUDA kernel's forward as a loop (FB-BEV bev_pool_cuda.cu): interval i writes the sum of its
+    points' depth x feat into cell ranks_bev[starts[i]]; points in no interval are not pooled."""
+    b, z, y, x, c = shape
+    out = torch.zeros(b * z * y * x, c, dtype=D64)
+    d, f = depth.reshape(-1).to(D64), feat.reshape(-1, c).to(D64)
+    for s_, n_ in zip(starts.tolist(), lengths.tolist()):
+        acc = torch.zeros(c, dtype=D64)
+        for k in range(s_, s_ + n_):
+            acc = acc + d[int(rd[k])] * f[int(rf[k])]
+        out[int(rb[s_])] = acc
+    return out.view(b, z, y, x, c).permute(0, 4, 1, 2, 3)
+
+
+def _grads(out, ref, leaves):
+    g = torch.randn(ref.shape, generator=_gen(3), dtype=D64)
+    return torch.autograd.grad(out, leaves, g, allow_unused=True), torch.autograd.grad(ref, leaves, g)
+
+
+@pytest.mark.parametrize("strategy", ["csr", "chunked"])
+@pytest.mark.parametrize("name, rb, starts, lengths", [
+    # one interval spanning cells 0 and 1 (upstream adds it all into cell 0), then a run of cell 2
+    ("spanning", [0, 0, 1, 1, 2], [0, 4], [4, 1]),
+    # runs of distinct cells in unsorted order (the old portable op trusted given intervals to be sorted)
+    ("unsorted runs", [3, 3, 1, 1, 2, 0], [0, 2, 4, 5], [2, 2, 1, 1]),
+    # point 3 is in two intervals (pooled into cells 6 and 7); point 5 is in none (not pooled)
+    ("gaps and overlaps", [5, 5, 6, 7, 7, 1, 0], [0, 2, 3, 6], [2, 2, 2, 1]),
+    # a zero-length interval writes a zero sum into its cell: point 2 is not pooled
+    ("zero-length interval", [2, 2, 4, 1], [0, 2, 3], [2, 0, 1]),
+])
+def test_bev_pool_v2_given_intervals_follow_the_kernel(name, rb, starts, lengths, strategy, monkeypatch):
+    if strategy == "chunked":
+        monkeypatch.setattr(bev_pool_mod, "csr_supported", lambda t: False)
+    g = _gen(11)
+    depth = torch.rand(1, 1, 2, 2, 3, generator=g, dtype=D64, requires_grad=True)
+    feat = torch.randn(1, 1, 2, 3, 4, generator=g, dtype=D64, requires_grad=True)
+    p = len(rb)
+    rd = torch.randperm(depth.numel(), generator=g)[:p].int()
+    rf = torch.randint(0, 6, (p,), generator=g).int()
+    rb, starts, lengths = (torch.tensor(v, dtype=torch.int32) for v in (rb, starts, lengths))
+    shape = (1, 2, 2, 2, 4)
+    out = ops.bev_pool_v2(depth, feat, rd, rf, rb, shape, starts, lengths)
+    ref = bev_pool_kernel_reference(depth, feat, rd, rf, rb, shape, starts, lengths)
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(*_grads(out, ref, (depth, feat))):
+        torch.testing.assert_close(got, want)
+
+
+def test_bev_pool_v2_refuses_intervals_the_kernel_cannot_pool():
+    depth, feat, rd, rf, rb, shape = random_bev_case(0, p=6)
+    rb = torch.tensor([0, 0, 1, 1, 0, 0], dtype=torch.int32)
+    with pytest.raises(ValueError, match="two intervals write BEV cell 0"):
+        ops.bev_pool_v2(depth, feat, rd, rf, rb, shape, *ops.compute_intervals(rb))  # runs of unsorted ranks
+    with pytest.raises(ValueError, match="within the 6 points"):
+        ops.bev_pool_v2(depth, feat, rd, rf, rb, shape, torch.tensor([4], dtype=torch.int32),
+                        torch.tensor([3], dtype=torch.int32))
+    with pytest.raises(ValueError, match="ranks_bev must lie in"):
+        ops.bev_pool_v2(depth, feat, rd, rf, rb + 1000, shape)
+    with pytest.raises(ValueError, match="ranks_depth must lie in"):
+        ops.bev_pool_v2(depth, feat, rd - 100, rf, rb, shape)
+
+
+def test_bev_pool_v2_intervals_that_are_runs_change_nothing():
+    """The common case keeps its meaning: runs of sorted ranks_bev with or without intervals, and an empty
+    interval list pools nothing."""
+    depth, feat, rd, rf, rb, shape = random_bev_case(1)
+    with_runs = ops.bev_pool_v2(depth, feat, rd, rf, rb, shape, *ops.compute_intervals(rb))
+    torch.testing.assert_close(with_runs, ops.bev_pool_v2(depth, feat, rd, rf, rb, shape))
+    none = torch.zeros(0, dtype=torch.int32)
+    assert not ops.bev_pool_v2(depth, feat, rd, rf, rb, shape, none, none).any()
+
+
+def test_bev_pool_v2_cuda_kernel_gets_sorted_runs_and_unique_depth_ranks(monkeypatch):
+    """What the kit hands FB-BEV's CUDA kernel (a stand-in records it): unsorted points sorted into runs with
+    their intervals; given intervals as they are; repeated ranks_depth with a depth gradient -> portable."""
+    seen = []
+
+    def kernel(depth, feat, rd, rf, rb, shape, starts, lengths):
+        seen.append((rb.clone(), starts.clone(), lengths.clone()))
+        return bev_pool_kernel_reference(depth, feat, rd, rf, rb, tuple(shape), starts, lengths).to(depth.dtype)
+
+    fake = type("M", (), {"bev_pool_v2": staticmethod(kernel)})
+    depth, feat, rd, rf, rb, shape = random_bev_case(2, sort=False)
+    want = bev_pool_reference(depth, feat, rd, rf, rb, shape)
+    with ops.force_backend("cuda"), dispatch.stand_in("cuda", "mmdet3d.ops.bev_pool_v2.bev_pool", fake):
+        out = ops.bev_pool_v2(depth, feat, rd, rf, rb, shape)
+        rb_k, st, ln = seen[-1]
+        assert bool((rb_k[1:] >= rb_k[:-1]).all())
+        assert [t.tolist() for t in ops.compute_intervals(rb_k)] == [st.tolist(), ln.tolist()]
+        torch.testing.assert_close(out, want)
+        srt = torch.argsort(rb, stable=True)
+        rd_s, rf_s, rb_s = rd[srt], rf[srt], rb[srt]
+        runs = ops.compute_intervals(rb_s)
+        ops.bev_pool_v2(depth, feat, rd_s, rf_s, rb_s, shape, *runs)
+        assert torch.equal(seen[-1][1], runs[0])
+        calls = len(seen)
+        rd_rep = rd_s.clone()
+        rd_rep[1] = rd_rep[0]
+        out = ops.bev_pool_v2(depth.requires_grad_(), feat, rd_rep, rf_s, rb_s, shape, *runs)
+        assert len(seen) == calls  # the kernel's backward would write, not sum, grad_depth of the repeated entry
+    torch.testing.assert_close(out, bev_pool_reference(depth, feat, rd_rep, rf_s, rb_s, shape))
+
+
+def test_voxel_pooling_non_contiguous_and_unsorted_inputs():
+    geom, feats = random_voxel_case(7, b=2, n=40, c=6)
+    perm = torch.randperm(40, generator=_gen(1))
+    geom, feats = geom[:, perm], feats[:, perm]  # points in any order, duplicates kept
+    feats_t = feats.transpose(1, 2).contiguous().transpose(1, 2)  # same values, channels-first memory
+    assert not feats_t.is_contiguous()
+    torch.testing.assert_close(ops.voxel_pooling_train(geom, feats_t, (4, 3, 2)),
+                               voxel_reference(geom, feats, (4, 3, 2)))
+
+
+def test_voxel_pooling_cuda_kernel_only_gets_dtypes_it_handles():
+    """BEVDepth's wrapper dispatches float32 and float16 (even C) only; other dtypes would leave zeros."""
+    seen = []
+    fake = type("M", (), {"voxel_pooling_train": staticmethod(
+        lambda g, f, v: seen.append(f.dtype) or voxel_reference(g, f, v).to(f.dtype))})
+    geom, feats = random_voxel_case(8, b=1, n=20, c=3)
+    with ops.force_backend("cuda"), dispatch.stand_in("cuda", "bevdepth.ops.voxel_pooling_train", fake):
+        ops.voxel_pooling_train(geom, feats.float(), (4, 3, 2))
+        ops.voxel_pooling_train(geom, feats.half(), (4, 3, 2))  # odd C in float16: portable
+        out = ops.voxel_pooling_train(geom, feats.bfloat16(), (4, 3, 2))  # bfloat16: portable
+    assert seen == [F32] and out.dtype == torch.bfloat16
+
+
+def test_msda_refuses_level_starts_outside_value_and_takes_strided_inputs():
+    value, shapes, starts, loc, attn = msda_case(8)
+    with pytest.raises(ValueError, match="reads past"):
+        ops.multi_scale_deformable_attn(value, shapes, starts + 3, loc, attn)
+    v_t = value.transpose(0, 1).contiguous().transpose(0, 1)
+    loc_t = loc.permute(5, 0, 1, 2, 3, 4).contiguous().permute(1, 2, 3, 4, 5, 0)
+    assert not v_t.is_contiguous() and not loc_t.is_contiguous()
+    torch.testing.assert_close(ops.multi_scale_deformable_attn(v_t, shapes, starts, loc_t, attn),
+                               msda_reference(value, shapes, starts, loc, attn))
+
+
+def test_msda_cuda_kernel_gets_an_im2col_step_dividing_the_batch():
+    """mmcv's kernel asserts bs % min(bs, im2col_step) == 0; the step is only a batching knob."""
+    steps = []
+
+    class Kernel:
+        @staticmethod
+        def apply(value, shapes, starts, loc, attn, step):
+            assert value.shape[0] % min(value.shape[0], step) == 0, "batch size must be divisible by im2col_step"
+            steps.append(step)
+            return msda_reference(value, shapes, starts, loc, attn)
+
+    fake = type("M", (), {"MultiScaleDeformableAttnFunction": Kernel})
+    value, shapes, starts, loc, attn = msda_case(9, bs=3)
+    with ops.force_backend("cuda"), dispatch.stand_in("cuda", "mmcv.ops.multi_scale_deform_attn", fake):
+        out = ops.multi_scale_deformable_attn(value, shapes, starts, loc, attn, im2col_step=2)
+    assert steps == [1]
+    torch.testing.assert_close(out, msda_reference(value, shapes, starts, loc, attn))
+
+
+def test_depth_weights_bin_outside_the_distribution_weighs_zero():
+    """An integer bin outside [0, D) has no one-hot column to read: weight 0 (the old code clamped it)."""
+    _, _, _, _, _, depth_prob, ref_pts, bins = depth_case(4)
+    bins[0, 0, 0], bins[1, 2, 1] = -1, depth_prob.shape[-1]
+    w = ops.depth_weights(depth_prob, (3, 4), ref_pts, bins)
+    assert w[0, 0, 0] == 0 and w[1, 2, 1] == 0
+    inside = F.one_hot(bins.clamp(0, depth_prob.shape[-1] - 1), depth_prob.shape[-1])
+    inside[0, 0, 0] = 0
+    inside[1, 2, 1] = 0
+    torch.testing.assert_close(w, depth_weight_reference(depth_prob, (3, 4), ref_pts, inside))
+    with ops.force_backend("cuda"):  # the kernel-backed formulation (no CUDA here -> its portable MSDA)
+        torch.testing.assert_close(ops.depth_weights(depth_prob, (3, 4), ref_pts, bins), w)
+
+
+def test_deform_conv2d_output_dtype_follows_offset_and_odd_inputs():
+    """mmcv casts input and weight to the offset's dtype; empty batches and strided inputs are fine."""
+    inp, offset, weight, kw = deform_case(5, n=1, cin=2, cout=2, h=4, w=4, groups=1, dg=1)
+    out = ops.deform_conv2d(inp.float(), offset.half(), weight.float(), **kw)
+    assert out.dtype == torch.float16
+    ref = deform_conv_reference(inp.float().double(), offset.half().double(), weight.float().double(), 1, 1, 1, 1, 1)
+    # float32 sums of Cin * 3 * 3 = 18 samples of 4 bilinear taps, rounded to float16
+    torch.testing.assert_close(out.double(), ref, **sum_tolerance(F32, 72, 1.0, result_dtype=torch.float16))
+    assert ops.deform_conv2d(inp[:0], offset[:0], weight, **kw).shape == (0, 2, 4, 4)
+    inp_t = inp.transpose(2, 3).contiguous().transpose(2, 3)
+    torch.testing.assert_close(ops.deform_conv2d(inp_t, offset, weight, **kw),
+                               deform_conv_reference(inp, offset, weight, 1, 1, 1, 1, 1))
+
+
+def test_sigmoid_focal_loss_refuses_targets_outside_the_classes_and_handles_empty_and_half():
+    pred = torch.randn(4, 3, generator=_gen(2), dtype=D64)
+    for bad in ([0, 1, -1, 2], [0, 4, 1, 2]):  # -1 used to wrap to class C-1 (python indexing)
+        with pytest.raises(ValueError, match=r"class indices in \[0, 3\]"):
+            ops.sigmoid_focal_loss(pred, torch.tensor(bad), reduction="none")
+    empty = ops.sigmoid_focal_loss(pred[:0], torch.zeros(0, dtype=torch.long), reduction="none")
+    assert empty.shape == (0, 3)
+    assert torch.isnan(ops.sigmoid_focal_loss(pred[:0], torch.zeros(0, dtype=torch.long), reduction="mean"))
+    target = torch.tensor([0, 3, 1, 2])
+    half = ops.sigmoid_focal_loss(pred.half(), target, reduction="none")
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.double(), focal_reference(pred.half().double(), target, 2.0, 0.25, None),
+                               **sum_tolerance(F32, 1, 1.0, result_dtype=torch.float16))
+
+
+def test_depth_weighted_attention_half_and_empty_queries():
+    value, shapes, starts, loc, attn, depth_prob, ref_pts, bins = depth_case(5)
+    out = ops.depth_weighted_deformable_attn(value.half(), shapes, starts, loc.half(), attn.half(),
+                                             depth_prob.half(), ref_pts.half(), bins)
+    assert out.dtype == torch.float16
+    want = ops.depth_weighted_deformable_attn(value.half().double(), shapes, starts, loc.half().double(),
+                                              attn.half().double(), depth_prob.half().double(),
+                                              ref_pts.half().double(), bins)
+    # weights: 4 bilinear taps of one bin; attention: L*P = 4 samples of 4 taps; float32, rounded to float16
+    torch.testing.assert_close(out.double(), want, **sum_tolerance(F32, 16, 1.0, result_dtype=torch.float16))
+    empty = ops.depth_weighted_deformable_attn(value, shapes, starts, loc[:, :0], attn[:, :0], depth_prob,
+                                               ref_pts[:, :0], bins[:, :0])
+    assert empty.shape == (2, 0, 6)
+
+
+def test_depth_weighted_attention_is_float32_under_autocast_like_upstreams_fp32_function():
+    """FB-OCC's DA step uses MultiScaleDeformableAttnFunction_fp32 (custom_fwd(cast_inputs=float32)): under autocast
+    half inputs give a float32 result; outside autocast the value's dtype."""
+    value, shapes, starts, loc, attn, depth_prob, ref_pts, bins = depth_case(6)
+    args = (shapes, starts, loc.float(), attn.float(), depth_prob.float(), ref_pts.float(), bins)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = ops.depth_weighted_deformable_attn(value.bfloat16(), *args)
+    outside = ops.depth_weighted_deformable_attn(value.bfloat16(), *args)
+    assert inside.dtype == F32 and outside.dtype == torch.bfloat16
+    torch.testing.assert_close(inside, ops.depth_weighted_deformable_attn(value.bfloat16().float(), *args))

@@ -133,7 +133,7 @@ def test_write_metrics_merges_on_rank_0_only(tmp_path, monkeypatch):
 
 
 def test_versions_are_read_without_importing_the_packages():
-    code = ("import sys, json; from bevkit.results import collect_versions; v = collect_versions(); "
+    code = ("import sys, json; from bevkit.provenance import collect_versions; v = collect_versions(); "
             "print(json.dumps([v, 'torch' in sys.modules, 'torch_npu' in sys.modules]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     versions, torch_imported, npu_imported = json.loads(out.stdout)
@@ -150,7 +150,9 @@ def test_versions_are_read_without_importing_the_packages():
 
 def test_cann_version_from_install_info(tmp_path):
     (tmp_path / "ascend_toolkit_install.info").write_text("package_name=Ascend-cann-toolkit\nversion=8.3.RC1\n")
-    assert res.cann_version({"ASCEND_TOOLKIT_HOME": str(tmp_path)}) == "8.3.RC1"
+    from bevkit.provenance import cann_version
+
+    assert cann_version({"ASCEND_TOOLKIT_HOME": str(tmp_path)}) == "8.3.RC1"
 
 
 def test_per_step_arrays_are_written_compactly(tmp_path):
@@ -162,3 +164,16 @@ def test_per_step_arrays_are_written_compactly(tmp_path):
     loaded = json.loads(text)
     assert loaded["per_step"]["step"] == list(range(1, 2001)) and loaded["per_step"]["loss"][4] is None
     assert loaded["metrics"]["per_class_iou"] == {"car": 0.5} and loaded["steps"] == 2000
+
+
+def test_results_are_typed_and_carry_their_schema(tmp_path):
+    results = _results(tmp_path)
+    assert isinstance(results, res.Results) and results.world_size == 8 and results.status == "ok"
+    path, _, _ = res.write_results(tmp_path, results)
+    loaded = res.load_results(path)
+    assert loaded["schema"] == res.SCHEMA_VERSION and loaded == {**results.to_dict(), "_path": str(path),
+                                                                  "files": loaded["files"]}
+    newer = dict(loaded, schema=res.SCHEMA_VERSION + 1)
+    res.atomic_write_json(tmp_path / "newer" / res.RESULTS_FILE, {k: v for k, v in newer.items() if k != "_path"})
+    with pytest.raises(ValueError, match="schema"):
+        res.load_results(tmp_path / "newer")

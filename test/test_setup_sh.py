@@ -67,6 +67,7 @@ def _plan(*args, **kw) -> str:
     return proc.stdout
 
 
+@pytest.mark.hardware
 def test_profile_detection(tmp_path):
     import shutil
 

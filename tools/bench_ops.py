@@ -215,11 +215,9 @@ def lss_voxel_pooling(geom, feats, voxel_num):
 
 
 def _prepare_mmcv():
-    try:
-        from bevkit.compat import prepare_imports  # torchvision's compiled ops may need a shim first
-        prepare_imports()
-    except ImportError:
-        pass
+    from bevkit.compat import prepare_imports  # torchvision's compiled ops may need a shim first
+
+    prepare_imports()
 
 
 def mmcv_msda():

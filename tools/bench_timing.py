@@ -76,12 +76,9 @@ def bench_adapters(steps: int, folder: str) -> dict:
     out = {}
     os.environ["BEVKIT_RUN_DIR"] = folder
     try:
-        try:
-            from bevkit.compat import prepare_imports
+        from bevkit.compat import prepare_imports
 
-            prepare_imports()  # torchvision shim (mmcv.runner and torchmetrics import torchvision)
-        except ImportError:
-            pass
+        prepare_imports()  # torchvision shim (mmcv.runner and torchmetrics import torchvision)
         try:
             from bevkit.timing.mmcv_hook import BevkitTimingHook
         except ImportError as e:

@@ -1,18 +1,18 @@
-"""Check a nuScenes-format data root before training FB-OCC or BEVDepth.
+"""Check a nuScenes-format data root before training a model of the kit.
 
     python -m bevkit.data.validate --model {fbocc,bevdepth} DATA_ROOT [--full]
 
-Checks the nuScenes tables, the files they reference (camera JPEGs, LIDAR_TOP .pcd.bin), the
-Occ3D labels (FB-OCC), the info pickles written by the model's data preparation, and BEVDepth's
-depth_gt/ files. The fast mode (default) reads a sample of the files; --full reads all of them.
-Every problem names a file and a one-line fix; the exit status is 1 when there are problems.
+Checks the nuScenes tables and the files they reference (camera JPEGs, LIDAR_TOP .pcd.bin) here, then the
+model's own files through its ``ModelSpec.data_checks`` module (FB-OCC: Occ3D labels and info pickles;
+BEVDepth: info pickles and depth_gt/). The fast mode (default) reads a sample of the files; --full reads all
+of them. Every problem names a file and a one-line fix; the exit status is 1 when there are problems.
+The helpers the model modules share (:class:`Report`, :func:`sample`, :func:`load_pickle` ...) live here.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
-import os
 import pickle
 import random
 import re
@@ -22,17 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .schema import (BEVDEPTH_ANN_KEYS, BEVDEPTH_CAM_KEYS, BEVDEPTH_INFO_FILES,
-                     BEVDEPTH_INFO_KEYS, CAMERAS, FBOCC_CAM_KEYS, FBOCC_INFO_FILES,
-                     FBOCC_INFO_KEYS, LIDAR, OCC_KEYS, OCC_SHAPE, OCC_FREE, TABLE_FIELDS, TABLES,
-                     TEST, TRAINVAL)
+from bevkit.data.schema import LIDAR, TABLE_FIELDS, TABLES, TEST, TRAINVAL
+from bevkit.registry import MODELS as _REGISTRY
+from bevkit.registry import get_spec
 
-MODELS = ('fbocc', 'bevdepth')
-#: How each model prepares its info files (the model READMEs hold the exact commands).
-PREPARE_HINT = {
-    'fbocc': "run the FB-OCC data preparation (see fbocc/README.md, 'Data')",
-    'bevdepth': "run the BEVDepth data preparation (see bevdepth/README.md, 'Data')",
-}
+#: Models whose data can be checked (each model's own part: ``ModelSpec.data_checks``).
+MODELS = tuple(_REGISTRY)
 GENERATE_HINT = 'python -m bevkit.data.synthetic --out DIR'
 #: Fast mode: files checked per kind (images, lidar, Occ3D labels, depth GT, info records).
 FAST_SAMPLES = 24
@@ -52,7 +47,7 @@ class Problem:
         return f'{self.path}: {self.message}\n    fix: {self.fix}'
 
 
-class _Report:
+class Report:
     """Collects problems; reports at most MAX_PER_KIND of one kind, then one summary line."""
 
     def __init__(self):
@@ -76,20 +71,20 @@ class _Report:
         return self.problems
 
 
-def _regen_fix(root: Path, what: str) -> str:
+def regen_fix(root: Path, what: str) -> str:
     if (root / 'SYNTHETIC.json').exists():
         return f'regenerate the synthetic dataset: python -m bevkit.data.synthetic --out {root} --overwrite'
     return f're-extract {what} from the nuScenes download into {root}'
 
 
-def _sample(items, k, full):
+def sample(items, k, full):
     items = list(items)
     if full or len(items) <= k:
         return items
     return random.Random(0).sample(items, k)
 
 
-def _progress(items, desc, full):
+def progress(items, desc, full):
     if not full:
         return items
     try:
@@ -119,7 +114,7 @@ def _find_root_candidates(root: Path):
     return found
 
 
-def _check_root(root: Path, rep: _Report) -> bool:
+def _check_root(root: Path, rep: Report) -> bool:
     if not root.exists():
         rep.add(root, 'data root does not exist',
                 f'pass the folder that holds {TRAINVAL}/ and samples/, or create one: {GENERATE_HINT}')
@@ -148,11 +143,11 @@ def _check_root(root: Path, rep: _Report) -> bool:
 _BIG = ('sample_data', 'sample_annotation', 'ego_pose', 'instance')
 
 
-def _load_tables(root: Path, version: str, full: bool, rep: _Report) -> dict:
+def _load_tables(root: Path, version: str, full: bool, rep: Report) -> dict:
     """Loaded tables (big ones may be None in fast mode); records checked for required fields."""
     folder = root / version
     tables = {}
-    fix_tables = _regen_fix(root, f'the {version} metadata')
+    fix_tables = regen_fix(root, f'the {version} metadata')
     for name in TABLES:
         path = folder / f'{name}.json'
         if not path.exists():
@@ -195,7 +190,7 @@ def _load_tables(root: Path, version: str, full: bool, rep: _Report) -> dict:
     return tables
 
 
-def _check_integrity(root: Path, version: str, t: dict, model: str, rep: _Report):
+def _check_integrity(root: Path, version: str, t: dict, checks, rep: Report):
     """Cross-table facts the devkit, the converters and the pipelines rely on."""
     folder = root / version
     if t.get('map') is not None and t.get('log') is not None:
@@ -203,12 +198,12 @@ def _check_integrity(root: Path, version: str, t: dict, model: str, rep: _Report
         for log in t['log']:
             if log['token'] not in mapped:
                 rep.add(folder / 'map.json', f'log {log["token"]} is in no map record\'s log_tokens '
-                        f'(the devkit fails to load)', _regen_fix(root, 'map.json'),
+                        f'(the devkit fails to load)', regen_fix(root, 'map.json'),
                         kind='log without map')
         for m in t['map']:
             if not (root / m.get('filename', '')).is_file():
                 rep.add(root / m.get('filename', 'maps/?'), 'map image missing',
-                        _regen_fix(root, 'the maps/ folder'), kind='map image missing')
+                        regen_fix(root, 'the maps/ folder'), kind='map image missing')
     if t.get('scene') is None or t.get('sample') is None:
         return
     samples = {s['token']: s for s in t['sample']}
@@ -228,12 +223,12 @@ def _check_integrity(root: Path, version: str, t: dict, model: str, rep: _Report
         recs = sorted(by_scene.get(sc['token'], []), key=lambda s: s['timestamp'])
         if sc['first_sample_token'] not in samples:
             rep.add(folder / 'scene.json', f'scene {sc["name"]}: first_sample_token not in sample.json',
-                    _regen_fix(root, 'the metadata'), kind='scene first sample missing')
+                    regen_fix(root, 'the metadata'), kind='scene first sample missing')
             continue
-        if model == 'fbocc' and version == TRAINVAL and len(recs) < 2:
-            rep.add(folder / 'scene.json', f'scene {sc["name"]} has {len(recs)} sample(s); FB-OCC '
-                    f'splits every scene into 2 sequence groups and needs >= 2',
-                    'give every scene >= 2 samples (--samples-per-scene)', kind='short scene')
+        least = checks.MIN_SAMPLES_PER_SCENE
+        if version == TRAINVAL and len(recs) < least:
+            rep.add(folder / 'scene.json', f'scene {sc["name"]} has {len(recs)} sample(s); {checks.SCENE_NEED}',
+                    f'give every scene >= {least} samples (--samples-per-scene)', kind='short scene')
         if recs:
             spans.append((recs[0]['timestamp'], recs[-1]['timestamp'], sc['name']))
     spans.sort()
@@ -244,7 +239,7 @@ def _check_integrity(root: Path, version: str, t: dict, model: str, rep: _Report
                     'give each scene a disjoint time range', kind='scenes overlap')
 
 
-def _keyframe_files(root: Path, version: str, t: dict, rep: _Report) -> list:
+def _keyframe_files(root: Path, version: str, t: dict, rep: Report) -> list:
     """(relative filename, sample_data record or None) of every keyframe file."""
     sd = t.get('sample_data')
     if sd is not None:
@@ -286,19 +281,19 @@ def _check_lidar(path: Path, full) -> str:
     return ''
 
 
-def _check_files(root: Path, files: list, full: bool, rep: _Report):
+def _check_files(root: Path, files: list, full: bool, rep: Report):
     cams = [f for f in files if f[0].endswith(('.jpg', '.jpeg', '.png'))]
     lidar = [f for f in files if f[0].endswith('.bin')]
     if not cams:
         rep.add(root / 'samples', 'no camera keyframes referenced by sample_data.json',
-                _regen_fix(root, 'the metadata'))
+                regen_fix(root, 'the metadata'))
     if not lidar:
         rep.add(root / 'samples' / LIDAR, 'no LIDAR_TOP keyframes referenced by sample_data.json',
-                _regen_fix(root, 'the metadata'))
-    todo = _sample(cams, FAST_SAMPLES, full) + _sample(lidar, FAST_SAMPLES, full)
-    for rel, rec in _progress(todo, 'sensor files', full):
+                regen_fix(root, 'the metadata'))
+    todo = sample(cams, FAST_SAMPLES, full) + sample(lidar, FAST_SAMPLES, full)
+    for rel, rec in progress(todo, 'sensor files', full):
         path = root / rel
-        fix = _regen_fix(root, 'the samples/ blobs')
+        fix = regen_fix(root, 'the samples/ blobs')
         if not path.is_file():
             rep.add(path, 'missing file referenced by sample_data.json', fix, kind='missing sensor file')
             continue
@@ -308,53 +303,8 @@ def _check_files(root: Path, files: list, full: bool, rep: _Report):
 
 
 # ---- Occ3D ----------------------------------------------------------------------------------------
-def _check_occ_file(path: Path, full: bool) -> str:
-    try:
-        with np.load(path) as z:
-            missing = [k for k in OCC_KEYS if k not in z.files]
-            if missing:
-                return f'labels.npz lacks {missing} (has {sorted(z.files)})'
-            for k in OCC_KEYS:
-                a = z[k]
-                if a.shape != OCC_SHAPE:
-                    return f'{k} has shape {a.shape}, expected {OCC_SHAPE} indexed [x,y,z]'
-                if not (np.issubdtype(a.dtype, np.integer) or a.dtype == bool):
-                    return f'{k} has dtype {a.dtype}, expected uint8'
-                if full or k == 'semantics':
-                    if k == 'semantics' and (a.min() < 0 or a.max() > OCC_FREE):
-                        return f'semantics holds ids outside 0..{OCC_FREE}'
-                    if k != 'semantics' and a.max() > 1:
-                        return f'{k} holds values other than 0/1'
-    except Exception as e:    # zipfile / numpy raise many types for broken files
-        return f'unreadable labels.npz ({type(e).__name__}: {e})'
-    return ''
-
-
-def _check_occ(root: Path, t: dict, full: bool, rep: _Report):
-    if t.get('scene') is None or t.get('sample') is None:
-        return
-    from nuscenes.utils import splits
-    wanted = set(splits.train) | set(splits.val)
-    scenes = {sc['token']: sc['name'] for sc in t['scene'] if sc['name'] in wanted}
-    pairs = [(scenes[s['scene_token']], s['token']) for s in t['sample'] if s['scene_token'] in scenes]
-    gts = root / 'gts'
-    if not gts.is_dir():
-        rep.add(gts, 'no Occ3D ground truth folder (gts/<scene>/<sample_token>/labels.npz)',
-                f'download Occ3D-nuScenes and put (or symlink) its gts/ folder at {gts}')
-        return
-    for scene, tok in _progress(_sample(pairs, FAST_SAMPLES, full), 'Occ3D labels', full):
-        path = gts / scene / tok / 'labels.npz'
-        if not path.is_file():
-            rep.add(path, 'missing Occ3D labels for a train/val sample',
-                    _regen_fix(root, 'the Occ3D gts/ folder'), kind='missing Occ3D labels')
-            continue
-        err = _check_occ_file(path, full)
-        if err:
-            rep.add(path, err, _regen_fix(root, 'the Occ3D gts/ folder'), kind=err.split(' (')[0])
-
-
 # ---- info pickles -----------------------------------------------------------------------------------
-def _load_pickle(path: Path, rep: _Report, fix: str):
+def load_pickle(path: Path, rep: Report, fix: str):
     try:
         with open(path, 'rb') as f:
             return pickle.load(f)
@@ -363,7 +313,7 @@ def _load_pickle(path: Path, rep: _Report, fix: str):
         return None
 
 
-def _describe_foreign(obj) -> str:
+def describe_foreign(obj) -> str:
     """What format an info file that is not the expected one is in."""
     if isinstance(obj, dict) and ('data_list' in obj or 'metainfo' in obj):
         return ("info file is in the mmdet3d v1.x format ('data_list'/'metainfo', written by "
@@ -375,20 +325,7 @@ def _describe_foreign(obj) -> str:
     return f'info file holds a {type(obj).__name__}, not a known info format'
 
 
-def _check_opened_paths(paths, rep, path, fix):
-    """FB-OCC's pipeline opens lidar_path / data_path exactly as stored, from the FB-BEV checkout, wherever the
-    data root is: they must be absolute (as the kit's preparation writes them) and exist."""
-    for p in map(str, paths):
-        if not os.path.isabs(p):
-            rep.add(path, f'info holds the relative path {p}, which training opens from the FB-BEV checkout, '
-                    f'not from the data root', fix + ' with --force (it writes absolute paths)',
-                    kind=f'{path.name}: relative paths')
-        elif not os.path.exists(p):
-            rep.add(path, f'info refers to {p}, which does not exist (made for another data root?)',
-                    fix + ' with --force', kind=f'{path.name}: info refers to missing files')
-
-
-def _check_info_paths(root: Path, rel_paths, rep, path, fix):
+def check_info_paths(root: Path, rel_paths, rep, path, fix):
     """Paths inside infos are relative to the model's repo ('./data/nuscenes/samples/...'):
     check the part from 'samples/' or 'gts/' on against the data root."""
     for p in rel_paths:
@@ -399,141 +336,14 @@ def _check_info_paths(root: Path, rel_paths, rep, path, fix):
                     kind=f'{path.name}: info refers to missing files')
 
 
-def _check_fbocc_infos(root: Path, t: dict, full: bool, rep: _Report):
-    fix = PREPARE_HINT['fbocc']
-    sample_tokens = {s['token'] for s in t['sample']} if t.get('sample') is not None else None
-    for name in FBOCC_INFO_FILES:
-        path = root / name
-        if not path.is_file():
-            rep.add(path, 'missing FB-OCC info file', fix)
-            continue
-        obj = _load_pickle(path, rep, fix)
-        if obj is None:
-            continue
-        if not (isinstance(obj, dict) and isinstance(obj.get('infos'), list) and 'metadata' in obj):
-            rep.add(path, _describe_foreign(obj) + "; FB-OCC needs {'infos': [...], 'metadata': "
-                    "{'version': 'v1.0-trainval'}} from FB-BEV tools/create_data_bevdet.py", fix)
-            continue
-        infos = obj['infos']
-        if not infos:
-            rep.add(path, 'info file holds no samples', fix + ' (are the scene names real split names?)')
-            continue
-        for info in _sample(infos, FAST_SAMPLES, full):
-            missing = [k for k in FBOCC_INFO_KEYS if k not in info]
-            if missing:
-                hint = ''
-                if {'ann_infos', 'scene_name', 'occ_path'} & set(missing):
-                    hint = " (made by mmdet3d's converter without FB-BEV's add_ann_adj_info step)"
-                rep.add(path, f'info lacks keys {missing}{hint}', fix, kind=f'{name}: info lacks keys')
-                break
-            cams = info.get('cams', {})
-            bad = [c for c in CAMERAS if c not in cams or any(k not in cams[c] for k in FBOCC_CAM_KEYS)]
-            if bad:
-                rep.add(path, f"info 'cams' lacks cameras or keys for {bad}", fix,
-                        kind=f'{name}: cams incomplete')
-                break
-            if not (isinstance(info['ann_infos'], (tuple, list)) and len(info['ann_infos']) == 2):
-                rep.add(path, "info 'ann_infos' is not the (boxes, labels) pair of "
-                        "create_data_bevdet.py", fix, kind=f'{name}: ann_infos format')
-                break
-            if sample_tokens is not None and info['token'] not in sample_tokens:
-                rep.add(path, f'info token {info["token"]} is not in {TRAINVAL}/sample.json (the '
-                        f'file was made for another dataset or an earlier generation)',
-                        fix + ' again on this data root', kind=f'{name}: stale tokens')
-                break
-            _check_opened_paths([info['lidar_path']] + [c['data_path'] for c in cams.values()], rep, path, fix)
-            _check_info_paths(root, [info['occ_path'] + '/labels.npz'], rep, path, fix)
-
-
-def _check_bevdepth_infos(root: Path, t: dict, full: bool, rep: _Report):
-    fix = PREPARE_HINT['bevdepth']
-    sample_tokens = {s['token'] for s in t['sample']} if t.get('sample') is not None else None
-    for name in BEVDEPTH_INFO_FILES:
-        path = root / name
-        if not path.is_file():
-            rep.add(path, 'missing BEVDepth info file', fix)
-            continue
-        obj = _load_pickle(path, rep, fix)
-        if obj is None:
-            continue
-        if not isinstance(obj, list):
-            rep.add(path, _describe_foreign(obj) + '; BEVDepth needs the plain list written by its '
-                    'scripts/gen_info.py', fix)
-            continue
-        if not obj:
-            rep.add(path, 'info file holds no samples', fix + ' (are the scene names real split names?)')
-            continue
-        for info in _sample(obj, FAST_SAMPLES, full):
-            if not isinstance(info, dict):
-                rep.add(path, f'info entries are {type(info).__name__}, not dicts', fix)
-                break
-            missing = [k for k in BEVDEPTH_INFO_KEYS if k not in info]
-            if missing:
-                rep.add(path, f'info lacks keys {missing}', fix, kind=f'{name}: info lacks keys')
-                break
-            cams = info['cam_infos']
-            bad = [c for c in CAMERAS if c not in cams or any(k not in cams[c] for k in BEVDEPTH_CAM_KEYS)]
-            if bad:
-                rep.add(path, f"info 'cam_infos' lacks cameras or keys for {bad}", fix,
-                        kind=f'{name}: cam_infos incomplete')
-                break
-            anns = info['ann_infos']
-            if anns and any(k not in anns[0] for k in BEVDEPTH_ANN_KEYS):
-                rep.add(path, f"info 'ann_infos' records lack some of {list(BEVDEPTH_ANN_KEYS)}", fix,
-                        kind=f'{name}: ann_infos incomplete')
-                break
-            if sample_tokens is not None and info['sample_token'] not in sample_tokens:
-                rep.add(path, f'info token {info["sample_token"]} is not in {TRAINVAL}/sample.json '
-                        f'(the file was made for another dataset or an earlier generation)',
-                        fix + ' again on this data root', kind=f'{name}: stale tokens')
-                break
-            _check_info_paths(root, [c['filename'] for c in cams.values()]
-                              + [info['lidar_infos'][LIDAR]['filename']], rep, path, fix)
-
-
-def _check_depth_gt(root: Path, t: dict, full: bool, rep: _Report):
-    """BEVDepth NPU-style precomputed depth: depth_gt/<image basename>.bin, float32 (N,3)."""
-    folder = root / 'depth_gt'
-    if not folder.is_dir():
-        return
-    fix = "regenerate depth_gt (see bevdepth/README.md, 'Data')"
-    files = sorted(folder.glob('*.bin'))
-    if not files:
-        rep.add(folder, 'depth_gt/ holds no .bin files', fix)
-        return
-    for path in _progress(_sample(files, FAST_SAMPLES, full), 'depth_gt', full):
-        size = path.stat().st_size
-        if size % 12:
-            rep.add(path, f'truncated depth_gt file: {size} bytes is not a whole number of '
-                    f'(u, v, depth) float32 triples', fix, kind='truncated depth_gt')
-            continue
-        if full and size:
-            d = np.fromfile(path, dtype='<f4').reshape(-1, 3)
-            if not np.isfinite(d).all() or (d[:, 2] <= 0).any():
-                rep.add(path, 'depth_gt holds non-finite or non-positive depths', fix,
-                        kind='bad depth_gt values')
-    # every camera keyframe of the train split should have one (the NPU port reads them in training)
-    if t.get('sample_data') is not None and t.get('scene') is not None and t.get('sample') is not None:
-        from nuscenes.utils import splits
-        train = {sc['token'] for sc in t['scene'] if sc['name'] in set(splits.train)}
-        train_samples = {s['token'] for s in t['sample'] if s['scene_token'] in train}
-        have = {p.name for p in files}
-        wanted = [Path(r['filename']).name + '.bin' for r in t['sample_data']
-                  if r.get('is_key_frame') and r['filename'].endswith('.jpg')
-                  and r['sample_token'] in train_samples]
-        for w in _sample(wanted, FAST_SAMPLES, full):
-            if w not in have:
-                rep.add(folder / w, 'missing depth_gt for a train camera keyframe', fix,
-                        kind='missing depth_gt')
-
-
 # ---- entry points ----------------------------------------------------------------------------------
 def validate(model: str, data_root, full: bool = False) -> list:
-    """Problems found in ``data_root`` for ``model`` ('fbocc' or 'bevdepth'); [] when all is well."""
+    """Problems found in ``data_root`` for ``model`` (a registered model); [] when all is well."""
     if model not in MODELS:
         raise ValueError(f'model must be one of {MODELS}, not {model!r}')
+    checks = get_spec(model).data_module()
     root = Path(data_root).expanduser()
-    rep = _Report()
+    rep = Report()
     try:
         importlib.import_module('nuscenes.utils.splits')     # the split names select the scenes
     except ImportError as e:
@@ -543,22 +353,17 @@ def validate(model: str, data_root, full: bool = False) -> list:
     if not _check_root(root, rep):
         return rep.finish()
     tables = _load_tables(root, TRAINVAL, full, rep)
-    _check_integrity(root, TRAINVAL, tables, model, rep)
-    if model == 'bevdepth':        # scripts/gen_info.py loads v1.0-test too
+    _check_integrity(root, TRAINVAL, tables, checks, rep)
+    if checks.NEEDS_TEST_TABLES:
         if not (root / TEST).is_dir():
-            rep.add(root / TEST, f'no {TEST} folder (BEVDepth scripts/gen_info.py loads it)',
+            rep.add(root / TEST, f'no {TEST} folder ({checks.TEST_TABLES_WHY})',
                     f'add the nuScenes {TEST} metadata, or generate a synthetic dataset with '
                     f'--test-scenes >= 0 (it always writes {TEST})')
         else:
             test_tables = _load_tables(root, TEST, full, rep)
-            _check_integrity(root, TEST, test_tables, model, rep)
+            _check_integrity(root, TEST, test_tables, checks, rep)
     _check_files(root, _keyframe_files(root, TRAINVAL, tables, rep), full, rep)
-    if model == 'fbocc':
-        _check_occ(root, tables, full, rep)
-        _check_fbocc_infos(root, tables, full, rep)
-    else:
-        _check_bevdepth_infos(root, tables, full, rep)
-        _check_depth_gt(root, tables, full, rep)
+    checks.check(root, tables, full, rep)
     return rep.finish()
 
 

@@ -1,8 +1,10 @@
 """Device-dispatched ops for FB-OCC and BEVDepth: one contract per op, correct on every device.
 
 Each function takes the upstream contract (UPSTREAM.md 3.3) and runs on the backend chosen per call by
-``bevkit.ops.dispatch`` (npu -> mx_driving, cuda -> upstream/mmcv compiled kernels when importable, cpu ->
-portable PyTorch); ``force_backend(name)`` or ``BEVKIT_OPS_BACKEND={portable,npu,cuda}`` forces one.
+``bevkit.ops.dispatch`` (npu -> mx_driving, and mmcv's NPU kernel for the focal loss; cuda -> upstream/mmcv
+compiled kernels when importable; cpu -> portable PyTorch); ``force_backend(name)`` or
+``BEVKIT_OPS_BACKEND={portable,npu,cuda}`` forces one. ``bevkit.ops.sparse.install_spconv_shim()`` serves FB-BEV's
+``spconv.pytorch`` imports from mx_driving where spconv does not import.
 """
 from __future__ import annotations
 

@@ -22,8 +22,9 @@ Backends:
   anchor's own depth bin (4 bilinear taps of one channel instead of sampling all D channels and taking a one-hot
   dot product).
 
-Precision: inputs are computed in float32 (float64 stays float64), like FB-OCC's ``_fp32`` kernels and
-mx_driving's ``custom_fwd(cast_inputs=float32)``; the output is float32.
+Precision: half inputs are computed in float32 (float64 stays float64), like FB-OCC's ``_fp32`` kernels; the
+output has the value's dtype, as mmcv's ``MultiScaleDeformableAttnFunction`` and mx_driving's kernel return it
+outside autocast (mx_driving's ``custom_fwd(cast_inputs=float32)`` casts only under autocast).
 """
 from __future__ import annotations
 
@@ -81,18 +82,28 @@ def multi_scale_deformable_attn(value: torch.Tensor, spatial_shapes: torch.Tenso
         attention_weights: [bs, nq, num_heads, num_levels, num_points].
         im2col_step: batch chunking of mmcv's CUDA kernel (other backends ignore it).
 
-    Returns float32 [bs, nq, num_heads * head_dims]; gradients flow to value, sampling_locations and
+    Returns [bs, nq, num_heads * head_dims] in value's dtype; gradients flow to value, sampling_locations and
     attention_weights.
     """
     _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    out = _dispatch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step)
+    return out if out.dtype == value.dtype else out.to(value.dtype)
+
+
+def _dispatch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step):
 
     def cuda(fn):
         if fn is MultiScaleDeformableAttnFunctionCompat:  # a runtime patch pointed mmcv at us: no recursion
             log_once(OP, "mmcv's MultiScaleDeformableAttnFunction is bevkit's own here; using the portable code")
             return None
         cd = _compute_dtype(value)
+        # mmcv's kernel asserts bs % min(bs, im2col_step) == 0; the step is only a batching knob: use a divisor.
+        bs = value.shape[0]
+        step = max(1, min(bs, int(im2col_step)))
+        while bs % step:
+            step -= 1
         return fn.apply(value.to(cd), spatial_shapes, level_start_index, sampling_locations.to(cd),
-                        attention_weights.to(cd), im2col_step)
+                        attention_weights.to(cd), step)
 
     return run_op(
         OP, value,
@@ -108,6 +119,11 @@ def _levels(spatial_shapes, level_start_index, num_keys: int, op=OP) -> List[Tup
     if sum(h * w for h, w in shapes) != num_keys:
         raise ValueError(f"{op}: value has {num_keys} keys but spatial_shapes {shapes} cover "
                          f"{sum(h * w for h, w in shapes)}")
+    for (h, w), s in zip(shapes, starts):
+        # The kernels read value rows start .. start + H*W - 1 of each level: outside [0, num_keys) is out of bounds.
+        if s < 0 or s + h * w > num_keys:
+            raise ValueError(f"{op}: level_start_index {starts} with spatial_shapes {shapes} reads past the "
+                             f"{num_keys} keys of value; level_start_index must be the offsets of the levels")
     return [(h, w, s) for (h, w), s in zip(shapes, starts)]
 
 
@@ -270,7 +286,8 @@ def depth_weights(depth_prob: torch.Tensor, spatial_shape: Sequence[int], refere
         return (sampled * depth_bins.to(sampled.dtype)).sum(-1)
     idx, scale = binned
     out = sampled.gather(-1, idx.clamp(0, nd - 1).unsqueeze(-1)).squeeze(-1)
-    return out if scale is None else out * scale.to(out.dtype)
+    scale = _bin_scale(idx, nd, scale, out.dtype)
+    return out * scale
 
 
 def _depth_weights_gather(depth_prob, h, w, reference_points, idx, scale):
@@ -292,7 +309,14 @@ def _depth_weights_gather(depth_prob, h, w, reference_points, idx, scale):
     pix = base + ys.clamp(0, h - 1) * w + xs.clamp(0, w - 1)
     taps = flat[pix * nd + idx.clamp(0, nd - 1).unsqueeze(-1)]
     out = (taps * (wx * wy).masked_fill(~inside, 0)).sum(-1)
-    return out if scale is None else out * scale.to(cd)
+    return out * _bin_scale(idx, nd, scale, cd)
+
+
+def _bin_scale(idx, nd, scale, dtype):
+    """Per anchor factor: 0 for a bin index outside [0, D) (no one-hot column to dot with), else the one-hot
+    value (1 for plain indices)."""
+    valid = ((idx >= 0) & (idx < nd)).to(dtype)
+    return valid if scale is None else valid * scale.to(dtype)
 
 
 def depth_weighted_deformable_attn(value: torch.Tensor, spatial_shapes: torch.Tensor,
@@ -319,10 +343,15 @@ def depth_weighted_deformable_attn(value: torch.Tensor, spatial_shapes: torch.Te
 
     Computes w[b, q, z] = depth_weights(depth_prob, spatial_shapes[0], reference_points, depth_bins), multiplies
     attention_weights[b, q, h, l, j] by w[b, q, j % Z] (no renormalisation) and returns
-    ``multi_scale_deformable_attn(value, ..., sampling_locations, weighted)``: float32 [bs, nq, num_heads*head_dims].
+    ``multi_scale_deformable_attn(value, ..., sampling_locations, weighted)``: [bs, nq, num_heads*head_dims] in
+    value's dtype, or float32 for half inputs under autocast (upstream's ``_fp32`` function casts them).
     Gradients flow to value, sampling_locations, attention_weights, depth_prob (and reference_points).
     """
     _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, OP_DEPTH)
+    if value.dtype in (torch.float16, torch.bfloat16) and _autocast_enabled(value):
+        # Upstream runs this step through MultiScaleDeformableAttnFunction_fp32 (custom_fwd(cast_inputs=float32)),
+        # as mx_driving's kernel does: under autocast the inputs are cast and the result is float32.
+        value = value.float()
     bs, nq, nh, nl, npt, _ = sampling_locations.shape
     if reference_points.dim() == 7 and reference_points.shape[2:5] == (1, 1, 1):
         reference_points = reference_points.reshape(bs, nq, -1, 2)  # upstream's [bs, nq, 1, 1, 1, Z, 2] view
@@ -336,6 +365,20 @@ def depth_weighted_deformable_attn(value: torch.Tensor, spatial_shapes: torch.Te
     weighted = attention_weights.to(w.dtype) * w
     return multi_scale_deformable_attn(value, spatial_shapes, level_start_index, sampling_locations, weighted,
                                        im2col_step)
+
+
+def _autocast_enabled(tensor: torch.Tensor) -> bool:
+    """Is autocast on for the tensor's (real) device? (Emulated NPU autocast is CPU autocast.)"""
+    kind = tensor.device.type
+    try:
+        return bool(torch.is_autocast_enabled(kind))  # torch >= 2.4
+    except TypeError:
+        if kind == "cpu":
+            return bool(torch.is_autocast_cpu_enabled())
+        if kind == "cuda":
+            return bool(torch.is_autocast_enabled())
+        npu = getattr(torch, "npu", None)
+        return bool(npu is not None and npu.is_autocast_enabled())
 
 
 def multi_scale_deformable_attn_pytorch(value: torch.Tensor, value_spatial_shapes: torch.Tensor,

@@ -5,9 +5,21 @@ offset [N, deform_groups * 2 * kh * kw, Ho, Wo] holds, per deform group g and ke
 group g bilinearly at (ho*stride_h - pad_h + i*dil_h + dy, wo*stride_w - pad_w + j*dil_w + dx), zero outside the
 image; the samples are then convolved with weight [Cout, Cin/groups, kh, kw].
 
-Backends: mmcv's compiled op on CUDA (and on real NPU tensors with an NPU build of mmcv) when importable;
-otherwise portable PyTorch: one ``F.grid_sample`` for all taps (the im2col columns) and one grouped matmul.
-torchvision's compiled deform_conv2d is not used (its C ops do not load everywhere).
+Output dtype: the offset's (mmcv casts input and weight to the offset's type: "the flag for whether to use fp16
+or amp is the type of offset"); half inputs are computed in float32.
+
+Backends:
+
+* npu: ``mx_driving.deform_conv2d`` (positional ``(x, offset, weight, stride, padding, dilation, groups,
+  deformable_groups)``), within its documented limits (DrivingSDK docs/zh/api/context/deform_conv2d.md):
+  float32 (half is computed in float32), deformable_groups == 1, input channels a multiple of 64; other calls
+  run the portable code. Chosen over mmcv's NPU branch (torch_npu's ``npu_deformable_conv2d``): it is the
+  replacement mx_driving's own patcher installs for mmcv's ``DeformConv2dFunction`` (``DeformConv`` in its
+  default patch set, mx_driving/patcher/mmcv_patch.py) and is documented for Atlas A2; BEVDepth's DCN (512
+  channels, groups 4, one deform group) is within its limits.
+* cuda: mmcv's compiled ``deform_conv2d`` when importable.
+* portable: one ``F.grid_sample`` for all taps (the im2col columns) and one grouped matmul. torchvision's
+  compiled deform_conv2d is not used (its C ops do not load everywhere).
 """
 from __future__ import annotations
 
@@ -16,9 +28,13 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from bevkit.ops.dispatch import mmcv_compiled
+from bevkit.ops.dispatch import log_once, mmcv_compiled, run_op
 
 OP = "deform_conv2d"
+
+#: mx_driving.deform_conv2d limits (DrivingSDK docs/zh/api/context/deform_conv2d.md).
+NPU_CIN_MULTIPLE = 64
+NPU_DEFORM_GROUPS = 1
 
 IntPair = Union[int, Tuple[int, int]]
 
@@ -31,8 +47,9 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
                   padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1, deform_groups: int = 1,
                   bias: Union[bool, None, torch.Tensor] = False, im2col_step: int = 32) -> torch.Tensor:
     """mmcv ``deform_conv2d(input, offset, weight, stride, padding, dilation, groups, deform_groups, bias=False,
-    im2col_step)``; returns [N, Cout, Ho, Wo]. ``bias`` may also be a [Cout] tensor (added after the
-    convolution; mmcv itself only accepts False). im2col_step only matters to mmcv's kernel."""
+    im2col_step)``; returns [N, Cout, Ho, Wo] in the offset's dtype (not necessarily contiguous: mx_driving's
+    kernel returns a permuted view). ``bias`` may also be a [Cout] tensor (added after the convolution; mmcv
+    itself only accepts False). im2col_step only matters to mmcv's kernel."""
     n, cin, h, w = input.shape
     cout, cin_g, kh, kw = weight.shape
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
@@ -45,21 +62,36 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
         raise ValueError(f"{OP}: offset must be [{n}, {deform_groups * 2 * kh * kw}, {ho}, {wo}] for this input and "
                          f"kernel; got {tuple(offset.shape)}")
     bias_t: Optional[torch.Tensor] = bias if isinstance(bias, torch.Tensor) else None
-    fn = mmcv_compiled(OP, input, "mmcv.ops.deform_conv", "deform_conv2d", deform_conv2d)
+    args = (input, offset, weight, (sh, sw), (ph, pw), (dh, dw), groups, deform_groups)
+    fn = mmcv_compiled(OP, input, "mmcv.ops.deform_conv", "deform_conv2d", deform_conv2d, devices=("cuda",))
     if fn is not None:
-        out = fn(input, offset, weight, (sh, sw), (ph, pw), (dh, dw), groups, deform_groups, False, im2col_step)
-        return out if bias_t is None else out + bias_t.view(1, -1, 1, 1)
-    return _portable(input, offset, weight, (sh, sw), (ph, pw), (dh, dw), groups, deform_groups, bias_t, ho, wo)
+        out = fn(*args, False, im2col_step)
+    else:
+        out = run_op(OP, input, portable=lambda: _portable(*args, ho, wo), npu=lambda mx: _npu(mx, *args, ho, wo))
+    return out if bias_t is None else out + bias_t.to(out.dtype).view(1, -1, 1, 1)
 
 
-def _portable(input, offset, weight, stride, padding, dilation, groups, dg, bias, ho, wo):
+def _npu(mx, input, offset, weight, stride, padding, dilation, groups, dg, ho, wo):
+    n, cin = input.shape[:2]
+    if input.numel() == 0 or offset.numel() == 0:
+        return None
+    if dg != NPU_DEFORM_GROUPS or cin % NPU_CIN_MULTIPLE:
+        log_once(OP, f"mx_driving.deform_conv2d takes deformable_groups == 1 and input channels % 64 == 0, not "
+                     f"deform_groups={dg}, C_in={cin}; using the portable code")
+        return None
+    out = mx.deform_conv2d(input.float(), offset.float(), weight.float(), stride, padding, dilation, groups, dg)
+    return out.to(offset.dtype)
+
+
+def _portable(input, offset, weight, stride, padding, dilation, groups, dg, ho, wo):
     n, cin, h, w = input.shape
     cout, cin_g, kh, kw = weight.shape
     k = kh * kw
-    dtype = torch.promote_types(input.dtype, offset.dtype)
+    out_dtype = offset.dtype  # mmcv: input.type_as(offset), weight.type_as(input)
+    dtype = out_dtype if out_dtype in (torch.float32, torch.float64) else torch.float32
     dev = input.device
     if n * cout * ho * wo == 0:
-        return input.new_zeros(n, cout, ho, wo)
+        return offset.new_zeros(n, cout, ho, wo)
     # Sampling positions, in pixels: base grid of each tap plus its learned offset.
     ky = torch.arange(kh, device=dev, dtype=dtype).repeat_interleave(kw) * dilation[0]
     kx = torch.arange(kw, device=dev, dtype=dtype).repeat(kh) * dilation[1]
@@ -74,5 +106,4 @@ def _portable(input, offset, weight, stride, padding, dilation, groups, dg, bias
                          padding_mode="zeros", align_corners=False)  # [n*dg, cin/dg, k*ho, wo]
     cols = cols.view(n, groups, cin_g * k, ho * wo)
     out = torch.matmul(weight.to(dtype).view(groups, cout // groups, cin_g * k), cols)
-    out = out.view(n, cout, ho, wo)
-    return out if bias is None else out + bias.to(dtype).view(1, -1, 1, 1)
+    return out.view(n, cout, ho, wo).to(out_dtype)

@@ -10,6 +10,12 @@ or, when nothing is forced, the device of the op's main input tensor (``bevkit.d
 Ops run through :func:`run_op`, which falls back to ``'portable'`` (logging once, via :func:`log_once`) when
 the chosen backend cannot run a call: a missing library, or a documented kernel limit that splitting cannot
 satisfy.
+
+Compiled kernels are looked up in one place, :func:`kernel`: on a tensor in real accelerator memory it is the
+installed module's function; on a CPU tensor standing in for an accelerator (``bevkit.device.emulate_device``)
+it is the stand-in registered with :func:`stand_in` for that device and module (a fake that checks the real
+kernel's argument contract), else nothing (portable code). mx_driving needs no stand-in registration: it can
+only import on an NPU machine, so a module found under that name on a CPU machine is a fake already.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import logging
 import os
 import sys
 import threading
-from typing import Any, Callable, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 from bevkit.device import device_type
 
@@ -31,6 +37,9 @@ logger = logging.getLogger("bevkit.ops")
 _state = threading.local()
 _logged: set = set()
 _import_failed: dict = {}
+#: (device, module name) -> module standing in for that compiled module on emulated devices.
+_stand_ins: Dict[Tuple[str, str], Any] = {}
+_soc_names: Dict[Tuple[Any, Optional[int]], str] = {}
 
 
 def _check(name: str, origin: str) -> str:
@@ -118,17 +127,58 @@ def mx_driving(op: str):
     return mod
 
 
+def npu_soc_name(tensor) -> Optional[str]:
+    """``torch_npu.npu.get_device_name`` of the tensor's NPU (mx_driving gates some kernels on it), or None when
+    no torch_npu answers."""
+    npu = getattr(sys.modules.get("torch_npu"), "npu", None)
+    get = getattr(npu, "get_device_name", None)
+    if get is None:
+        return None
+    key = (get, tensor.device.index)
+    if key not in _soc_names:  # a runtime query: once per device
+        _soc_names[key] = str(get(tensor.device.index))
+    return _soc_names[key]
+
+
 def real_device(tensor) -> str:
     """The tensor's actual device type, ignoring device emulation (mmcv kernels need real NPU/CUDA memory)."""
     return tensor.device.type
 
 
-def on_cuda(tensor, op: str) -> bool:
-    """True when a compiled CUDA kernel can take ``tensor``; a forced 'cuda' backend on other memory is logged."""
-    if real_device(tensor) == "cuda":
-        return True
-    log_once(op, f"cuda backend chosen for a {real_device(tensor)} tensor; using the portable code")
-    return False
+@contextlib.contextmanager
+def stand_in(device: str, module: str, fake) -> Iterator[None]:
+    """Inside the block, :func:`kernel` answers ``module``'s functions from ``fake`` for CPU tensors standing in
+    for ``device`` tensors (tests and emulated-device runs; real accelerator memory always gets the real module)."""
+    key = (device, module)
+    previous = _stand_ins.get(key)
+    _stand_ins[key] = fake
+    try:
+        yield
+    finally:
+        if previous is None:
+            _stand_ins.pop(key, None)
+        else:
+            _stand_ins[key] = previous
+
+
+def kernel(op: str, tensor, device: str, module: str, attribute: str, what: str) -> Optional[Callable]:
+    """The compiled ``module.attribute`` that runs ``op`` on ``device`` for ``tensor``, or None (logged once).
+
+    Real ``device`` memory: the installed module's function. A CPU tensor standing in for ``device`` (emulation,
+    or a forced backend): the registered :func:`stand_in`, if any. Anything else: None, so the caller runs its
+    portable code instead of handing the kernel memory it cannot read.
+    """
+    where = real_device(tensor)
+    if where == device:
+        fn = getattr(optional_import(module), attribute, None)
+        if fn is None:
+            log_once(op, f"{what} ({module}.{attribute}) is not importable; using the portable code")
+        return fn
+    fake = _stand_ins.get((device, module))
+    if fake is not None and where == "cpu":
+        return getattr(fake, attribute, None)
+    log_once(op, f"{device} backend chosen for a {where} tensor and no stand-in for {what}; using the portable code")
+    return None
 
 
 def run_op(op: str, tensor, portable: Callable[[], Any],
@@ -150,27 +200,27 @@ def run_op(op: str, tensor, portable: Callable[[], Any],
                 return out
     elif backend == "cuda" and cuda is not None:
         module, attribute, call, what = cuda
-        kernel = getattr(optional_import(module), attribute, None)
-        if kernel is None:
-            log_once(op, f"{what} ({module}.{attribute}) is not importable; using the portable code")
-        elif on_cuda(tensor, op):
-            out = call(kernel)
+        fn = kernel(op, tensor, "cuda", module, attribute, what)
+        if fn is not None:
+            out = call(fn)
             if out is not None:
                 return out
     return portable()
 
 
-def mmcv_compiled(op: str, tensor, module: str, attribute: str, ours: Callable) -> Optional[Callable]:
-    """mmcv's compiled ``module.attribute`` for a tensor in accelerator memory (mmcv builds CUDA or NPU kernels),
-    or None (logged once when it is missing) so the caller runs its portable code.
+def mmcv_compiled(op: str, tensor, module: str, attribute: str, ours: Callable,
+                  devices: Tuple[str, ...] = ("cuda", "npu")) -> Optional[Callable]:
+    """mmcv's compiled ``module.attribute`` when the backend for ``tensor`` is one of ``devices`` (mmcv builds
+    CUDA or NPU kernels), looked up by :func:`kernel`; None (logged once) so the caller runs its portable code.
 
     ``ours`` is bevkit's own function: a runtime patch may have rebound mmcv's name to it, and calling it back
     would recurse.
     """
-    if backend_for(tensor) not in ("cuda", "npu") or real_device(tensor) not in ("cuda", "npu"):
+    backend = backend_for(tensor)
+    if backend not in devices:
         return None
-    fn = getattr(optional_import(module), attribute, None)
-    if fn is None or fn is ours:
-        log_once(op, f"mmcv's compiled {attribute} is not importable; using the portable code")
+    fn = kernel(op, tensor, backend, module, attribute, f"mmcv's compiled {attribute}")
+    if fn is ours:
+        log_once(op, f"mmcv's {attribute} is bevkit's own here (a runtime patch); using the portable code")
         return None
     return fn

@@ -7,10 +7,23 @@ times weight[t] when a per-class ``weight`` [C] is given (mmcv's kernel looks th
 target class; background samples, for which that lookup would read past the end, are left unweighted here).
 Reduction 'none' -> [M, C], 'sum', or 'mean' (= sum / M, as mmcv).
 
-Backends: mmcv's compiled op on CUDA (and on real NPU tensors with an NPU build of mmcv) when importable;
-otherwise the portable code: the kernel's closed-form forward and backward, with log-sigmoid (more accurate than
-the kernel's log(max(p, FLT_MIN)) for |pred| > 87, identical elsewhere), in row chunks (no one-hot target, no
-saved temporaries).
+Targets outside [0, C] are refused (the CUDA kernel would read weight[target] out of bounds; ignore labels
+such as 255 must be filtered out first, as FB-OCC does). M = 0 gives an empty 'none' result and NaN for 'mean'
+(0 / 0, as mmcv).
+
+Backends:
+
+* npu: mmcv's NPU kernel (an mmcv built with ``FORCE_NPU=1``: the CANN ``SigmoidFocalLoss`` op), which is what
+  the DrivingSDK FB-OCC port runs (``transfer_to_npu`` makes upstream's ``pred.is_cuda`` test pass, so
+  CustomFocalLoss calls mmcv's op). mx_driving's own ``sigmoid_focal_loss`` is documented for Atlas A5 only
+  (DrivingSDK docs/zh/api/context/sigmoid_focal_loss.md) and is not in its default patcher. mmcv 1.7.2's NPU
+  adapter (mmcv/ops/csrc/pytorch/npu/focal_loss_npu.cpp) one-hot encodes the target with C classes (no
+  background label) and broadcasts ``weight`` per class instead of per target: so the kit calls it without
+  weight and applies weight[target] itself, and adds a dummy class column when some target is C (background).
+* cuda: mmcv's compiled op when importable.
+* portable: the kernel's closed-form forward and backward, with log-sigmoid (more accurate than the kernel's
+  log(max(p, FLT_MIN)) for |pred| > 87, identical elsewhere), in row chunks (no one-hot target, no saved
+  temporaries).
 """
 from __future__ import annotations
 
@@ -20,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from bevkit.ops.dispatch import mmcv_compiled
+from bevkit.ops.dispatch import backend_for, mmcv_compiled
 
 OP = "sigmoid_focal_loss"
 REDUCTIONS = ("none", "mean", "sum")
@@ -39,9 +52,39 @@ def sigmoid_focal_loss(pred: torch.Tensor, target: torch.Tensor, gamma: float = 
     if reduction not in REDUCTIONS:
         raise ValueError(f"{OP}: reduction must be one of {REDUCTIONS}; got {reduction!r}")
     fn = mmcv_compiled(OP, pred, "mmcv.ops.focal_loss", "sigmoid_focal_loss", sigmoid_focal_loss)
-    if fn is not None:
+    if fn is not None and backend_for(pred) == "cuda":
         return fn(pred, target, gamma, alpha, weight, reduction)
+    if fn is not None:
+        return _mmcv_npu(fn, pred, target, float(gamma), float(alpha), weight, reduction)
+    _check_targets(target, pred.shape[1])
     return _portable(pred, target, float(gamma), float(alpha), weight, reduction)
+
+
+def _check_targets(target, c):
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) > c):
+        raise ValueError(f"{OP}: targets must be class indices in [0, {c}] ({c} = background); got values in "
+                         f"[{int(target.min())}, {int(target.max())}]. Filter ignore labels out first.")
+
+
+def _mmcv_npu(fn, pred, target, gamma, alpha, weight, reduction):
+    """mmcv 1.7.2's NPU kernel within its contract: targets < C only, no weight (see the module doc)."""
+    m, c = pred.shape
+    if m == 0:
+        return _portable(pred, target, gamma, alpha, weight, reduction)
+    lo_hi = torch.stack([target.min(), target.max()]).tolist()  # one host sync
+    if lo_hi[0] < 0 or lo_hi[1] > c:
+        _check_targets(target, c)
+    x = pred if pred.dtype in (torch.float32, torch.float16) else pred.float()
+    if lo_hi[1] == c:  # background rows: a dummy class C makes every real class a negative, as in the kernel
+        loss = fn(F.pad(x, (0, 1)), target, gamma, alpha, None, "none")[:, :c]
+    else:
+        loss = fn(x, target, gamma, alpha, None, "none")
+    if weight is not None:
+        loss = loss * _row_weight(weight.to(loss.dtype), target, 0, m, c)
+    loss = loss.to(pred.dtype)
+    if reduction == "none":
+        return loss
+    return loss.sum() / m if reduction == "mean" else loss.sum()
 
 
 def _portable(pred, target, gamma, alpha, weight, reduction):
@@ -63,7 +106,7 @@ def _positive(x, target, s, e):
     """Rows of [s, e) whose target is a class (< C), and the logits at that class."""
     c = x.shape[1]
     t = target[s:e]
-    rows = torch.nonzero(t < c).squeeze(1)
+    rows = torch.nonzero((t >= 0) & (t < c)).squeeze(1)
     cols = t[rows]
     return rows, cols, x[s:e][rows, cols]
 

@@ -6,7 +6,9 @@ Backends:
   documented limits: float32, bilinear / zeros / align_corners=True only, C <= 128 and a multiple of 4, element
   counts within int32, no empty tensors. Channels are zero-padded to a multiple of 4 and split into chunks of
   <= 128 (FB-OCC samples 16 x 80 = 1280 history channels); other modes run the portable code. The kernel also
-  rejects inf/NaN, which is not checked here (that would cost a device sync per call).
+  rejects inf/NaN, which is not checked here (that would cost a device sync per call). Its wrapper serves only
+  Ascend910* (A2/A3) and Ascend950* SoCs and raises NotImplementedError on others (mx_driving/ops/
+  grid_sampler3d_v1.py): on another SoC the portable code runs.
 * cuda / portable: ``torch.nn.functional.grid_sample`` (native on CPU and CUDA).
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from bevkit.ops.dispatch import backend_for, log_once, mx_driving
+from bevkit.ops.dispatch import backend_for, log_once, mx_driving, npu_soc_name
 
 OP = "grid_sample_3d"
 
@@ -45,7 +47,18 @@ def grid_sample_3d(input: torch.Tensor, grid: torch.Tensor, mode: str = "bilinea
                          align_corners=align_corners)
 
 
+#: SoC name fragments grid_sampler3d_v1's wrapper serves (mx_driving/ops/grid_sampler3d_v1.py, 26.1).
+NPU_SOCS = ("Ascend910", "Ascend950")
+
+
 def _npu(mx, input, grid, mode, padding_mode, align_corners):
+    if not hasattr(mx, "grid_sampler3d_v1"):  # DrivingSDK branch_v7.0.RC1 has none
+        log_once(OP, "this mx_driving has no grid_sampler3d_v1; using the portable code")
+        return None
+    soc = npu_soc_name(input)
+    if soc is not None and not any(s in soc for s in NPU_SOCS):
+        log_once(OP, f"grid_sampler3d_v1 serves only Ascend910B/910C/950 SoCs, not {soc}; using the portable code")
+        return None
     if (mode, padding_mode, bool(align_corners)) != ("bilinear", "zeros", True):
         log_once(OP, f"grid_sampler3d_v1 supports only bilinear/zeros/align_corners=True, not {mode}/{padding_mode}/"
                      f"align_corners={align_corners}; using the portable code")

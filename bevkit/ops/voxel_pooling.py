@@ -15,7 +15,10 @@ Backends:
   BEV maps are summed, channels and batches into chunks that are concatenated; nz > 10 is folded into nz = 1 by
   dropping out-of-range z first. The inference op runs as chunked training-mode pooling of depth x context
   (the chunk bounds the outer product's memory).
-* cuda: BEVDepth's compiled ``bevdepth.ops`` kernels when importable.
+* cuda: BEVDepth's compiled ``bevdepth.ops`` kernels when importable, for the inputs they handle: float32 or
+  float16 features (float16 with an even channel count, the wrapper's ``assert(num_channels % 2 == 0)``; any
+  other dtype leaves their output at zero), and for inference depth and context of one dtype. Other inputs run
+  the portable code.
 * portable: linear BEV index + ``index_add_`` with a trash row for dropped points (no copy of the features);
   backward is a gather. Inference uses a sparse product over (pixel, depth bin) so depth x context is never
   materialised. float16/bfloat16 are accumulated in float32 and returned in the input dtype.
@@ -118,13 +121,26 @@ def voxel_pooling_train(geom_xyz: torch.Tensor, features: torch.Tensor, voxel_nu
     feats = features.reshape(b, -1, c)
     if geom.shape[1] != feats.shape[1]:
         raise ValueError(f"{OP_TRAIN}: {geom.shape[1]} points in geom_xyz but {feats.shape[1]} in features")
+    def cuda(kernel):
+        if not _cuda_dtype_ok(OP_TRAIN, feats.dtype, c):
+            return None
+        return kernel(geom.to(torch.int32).contiguous(), feats.contiguous(), [nx, ny, nz])
+
     return run_op(
         OP_TRAIN, features,
         portable=lambda: _portable_train(geom, feats, nx, ny, nz),
         npu=lambda mx: _npu_train(mx, geom, feats, nx, ny, nz),
-        cuda=("bevdepth.ops.voxel_pooling_train", "voxel_pooling_train",
-              lambda kernel: kernel(geom.to(torch.int32).contiguous(), feats.contiguous(), [nx, ny, nz]),
+        cuda=("bevdepth.ops.voxel_pooling_train", "voxel_pooling_train", cuda,
               "BEVDepth's compiled voxel_pooling_train_ext"))
+
+
+def _cuda_dtype_ok(op: str, dtype: torch.dtype, c: int) -> bool:
+    """BEVDepth's CUDA wrappers dispatch float32 and float16 (even C) only; anything else would stay zero."""
+    if dtype == torch.float32 or (dtype == torch.float16 and c % 2 == 0):
+        return True
+    log_once(op, f"BEVDepth's CUDA kernel takes float32, or float16 with an even channel count, not {dtype} with "
+                 f"C={c}; using the portable code")
+    return False
 
 
 def _portable_train(geom, feats, nx, ny, nz):
@@ -208,13 +224,20 @@ def voxel_pooling_inference(geom_xyz: torch.Tensor, depth: torch.Tensor, context
         raise ValueError(f"{OP_INFER}: with geom_xyz {tuple(geom_xyz.shape)} expected depth [{b * ncam},{d},{h},{w}] "
                          f"and context [{b * ncam},C,{h},{w}]; got {tuple(depth.shape)} and {tuple(context.shape)}")
     geom = _quantize(geom_xyz)
+    def cuda(kernel):
+        if depth.dtype != context.dtype:
+            log_once(OP_INFER, f"BEVDepth's CUDA kernel reads depth and context as one dtype, not {depth.dtype} and "
+                               f"{context.dtype}; using the portable code")
+            return None
+        if not _cuda_dtype_ok(OP_INFER, context.dtype, context.shape[1]):
+            return None
+        return kernel(geom.to(torch.int32).contiguous(), depth.contiguous(), context.contiguous(), [nx, ny, nz])
+
     return run_op(
         OP_INFER, context,
         portable=lambda: _portable_inference(geom, depth, context, nx, ny, nz),
         npu=lambda mx: _npu_inference(mx, geom, depth, context, nx, ny, nz),
-        cuda=("bevdepth.ops.voxel_pooling_inference", "voxel_pooling_inference",
-              lambda kernel: kernel(geom.to(torch.int32).contiguous(), depth.contiguous(), context.contiguous(),
-                                    [nx, ny, nz]),
+        cuda=("bevdepth.ops.voxel_pooling_inference", "voxel_pooling_inference", cuda,
               "BEVDepth's compiled voxel_pooling_inference_ext"))
 
 

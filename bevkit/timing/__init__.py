@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
-from bevkit.device import synchronize
+from bevkit import env
+from bevkit.device import RunDevice, run_device
 
 STEPS_FILE = "steps.jsonl"
 
@@ -62,23 +63,23 @@ class StepRecorder:
     """Records wall time, losses and learning rate of each optimizer step.
 
     Every rank must call :meth:`step_end` (so all ranks agree on when to stop), but only global rank 0
-    synchronizes, converts losses and writes. Arguments default to the launcher's environment:
-    ``BEVKIT_RUN_DIR``, ``BEVKIT_DEVICE``, ``BEVKIT_MAX_STEPS``, ``BEVKIT_SAMPLES_PER_DEVICE``,
-    ``RANK`` and ``WORLD_SIZE`` (set by torchrun).
+    synchronizes, converts losses and writes. Arguments default to the run's device
+    (:func:`bevkit.device.run_device`) and the launcher's environment: ``BEVKIT_RUN_DIR``,
+    ``BEVKIT_MAX_STEPS``, ``BEVKIT_SAMPLES_PER_DEVICE``, ``RANK`` and ``WORLD_SIZE`` (set by torchrun).
     """
 
     def __init__(self, run_dir: Optional[str] = None, device: Optional[str] = None,
                  rank: Optional[int] = None, world_size: Optional[int] = None,
                  samples_per_device: Optional[int] = None, max_steps: Optional[int] = None,
                  sync: bool = True, clock=time.perf_counter):
-        run_dir = run_dir if run_dir is not None else os.environ.get("BEVKIT_RUN_DIR") or None
+        run_dir = run_dir if run_dir is not None else env.get("BEVKIT_RUN_DIR")
         self.run_dir = Path(run_dir) if run_dir else None
-        self.device = device or os.environ.get("BEVKIT_DEVICE") or "cpu"
+        self.device = RunDevice.of(device) if device else run_device()
         self.rank = rank if rank is not None else (_env_int("RANK") or 0)
         self.world_size = world_size if world_size is not None else (_env_int("WORLD_SIZE") or 1)
         self.samples_per_device = (samples_per_device if samples_per_device is not None
-                                   else _env_int("BEVKIT_SAMPLES_PER_DEVICE"))
-        self.max_steps = max_steps if max_steps is not None else _env_int("BEVKIT_MAX_STEPS")
+                                   else env.get_int("BEVKIT_SAMPLES_PER_DEVICE"))
+        self.max_steps = max_steps if max_steps is not None else env.get_int("BEVKIT_MAX_STEPS")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         self.sync = sync
@@ -99,7 +100,7 @@ class StepRecorder:
     def start(self) -> None:
         """Mark the start of training (before the first batch is fetched)."""
         if self.rank == 0 and self.sync:
-            synchronize(self.device)
+            self.device.synchronize()
         self._last_end = self._clock()
         if self.is_writer and self._file is None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -124,7 +125,7 @@ class StepRecorder:
         if self.rank != 0:
             return self.should_stop
         if self.sync:
-            synchronize(self.device)
+            self.device.synchronize()
         now = self._clock()
         started = self._last_end is not None
         if not started:  # start() was never called: this step has no start time

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-import pytorch_lightning as pl
-
+from bevkit.compat import prepare_imports
 from bevkit.timing import StepRecorder
+
+prepare_imports()  # Lightning imports torchvision (through torchmetrics): the kit's shim on a CPU torch first
+
+import pytorch_lightning as pl  # noqa: E402
 
 
 class BevkitTimingCallback(pl.Callback):

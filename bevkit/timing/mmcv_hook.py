@@ -18,9 +18,12 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from mmcv.runner import HOOKS, Hook, IterBasedRunner
-
+from bevkit.compat import prepare_imports
 from bevkit.timing import StepRecorder
+
+prepare_imports()  # mmcv.runner imports torchvision, which may need the kit's shim on a CPU torch
+
+from mmcv.runner import HOOKS, Hook, IterBasedRunner  # noqa: E402
 
 
 def _first_lr(lr: Any) -> Optional[float]:

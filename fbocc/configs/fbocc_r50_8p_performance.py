@@ -4,7 +4,7 @@
 
 _base_ = ['./fbocc_r50_8p.py']
 
-performance_iters = 600
+performance_iters = 600  # = bevkit.launch.DEFAULT_PERFORMANCE_STEPS, where the launcher stops (tested)
 runner = dict(type='IterBasedRunner', max_iters=performance_iters)
 checkpoint_config = dict(interval=performance_iters)
 evaluation = dict(interval=10 ** 9)

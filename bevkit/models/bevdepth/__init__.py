@@ -1,17 +1,29 @@
-"""BEVDepth (Megvii-BaseDetection/BEVDepth @d78c7b5) in the kit: the launcher's ModelSpec.
+"""BEVDepth (Megvii-BaseDetection/BEVDepth @d78c7b5) in the kit: everything the shared modules know about it
+(:data:`SPEC`).
 
 Every rank runs ``bevdepth/run.py <exp file> --device D ...`` (see :mod:`.runtime`), which applies the
 kit's runtime patches (:mod:`.patches`) and runs the experiment through the kit's Lightning 1.9 CLI
-(:mod:`.cli`). Importing this package does not import torch.
+(:mod:`.cli`). The model's other knowledge: data checks (:mod:`.data_check`), metrics (:mod:`.results`),
+data preparation (:mod:`.prepare`), reference results (``bevdepth/reference.json``). Importing this package
+does not import torch.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import List, Optional
 
-from bevkit import REPO_ROOT
-from bevkit.models import LaunchRequest, ModelSpec
+from bevkit import REPO_ROOT, env
+from bevkit.checkpoints import RESNET50
+from bevkit.registry import LaunchRequest, ModelSpec, Upstream
+
+UPSTREAM = Upstream(
+    name="BEVDepth", model="bevdepth",
+    url="https://github.com/Megvii-BaseDetection/BEVDepth.git",
+    commit="d78c7b58b10b9ada940462ba83ab24d99cae5833",
+    tree="acfcdd64d014088f7bcf61692ed45b73d6104f04",
+    patches=("bevdepth/bevdepth.patch",),
+    src_env="BEVDEPTH_SRC", src_option="--bevdepth-src",
+)
 
 RUNNER = REPO_ROOT / "bevdepth" / "run.py"
 REFERENCE_EXP = "bevdepth/configs/bev_depth_lss_r50_256x704_128x128_24e_2key.py"
@@ -20,6 +32,13 @@ BATCH_PER_DEVICE = 8
 SMOKE_BATCH_PER_DEVICE = 2
 EPOCHS = 24
 SMOKE_EPOCHS = 12
+#: the demo (tools/launch --mode demo): until its experiment lands, the smoke one (bev_depth_tiny_demo.py then);
+#: epochs None leaves them to the experiment (run_cli's extra_trainer_config_args={'epochs': N})
+DEMO_EXP = SMOKE_EXP
+DEMO_EPOCHS: Optional[int] = SMOKE_EPOCHS
+DEMO_BATCH_PER_DEVICE = SMOKE_BATCH_PER_DEVICE
+#: modes that train, evaluate the final weights and stop (no separate evaluation launch)
+SELF_EVALUATING = ("smoke", "demo")
 
 
 def _passes(extra, *flags: str) -> bool:
@@ -33,7 +52,7 @@ def batch_per_device(request: LaunchRequest) -> int:
             return int(extra[i + 1])
         if arg.startswith("--batch_size_per_device="):
             return int(arg.split("=", 1)[1])
-    return SMOKE_BATCH_PER_DEVICE if request.mode == "smoke" else BATCH_PER_DEVICE
+    return {"smoke": SMOKE_BATCH_PER_DEVICE, "demo": DEMO_BATCH_PER_DEVICE}.get(request.mode, BATCH_PER_DEVICE)
 
 
 def checkpoints_under(folder: Path) -> List[Path]:
@@ -57,23 +76,23 @@ def latest_full_checkpoint(work_dir: Optional[Path] = None) -> Path:
 
 def build_entry(request: LaunchRequest) -> List[str]:
     """argv of every rank: the kit runner, the experiment, then upstream/Lightning arguments."""
-    exp = request.config or REPO_ROOT / (SMOKE_EXP if request.mode == "smoke" else REFERENCE_EXP)
+    exp = request.config or REPO_ROOT / {"smoke": SMOKE_EXP, "demo": DEMO_EXP}.get(request.mode, REFERENCE_EXP)
     extra = list(request.extra_args)
     argv = [str(RUNNER), str(exp), "--device", request.device, "--data_root", str(request.data_root),
             "--default_root_dir", str(request.run_dir)]
     if not _passes(extra, "-b", "--batch_size_per_device"):
         argv += ["-b", str(batch_per_device(request))]
     if request.mode == "eval":
-        checkpoint = request.checkpoint or latest_full_checkpoint(
-            Path(os.environ["BEVKIT_FULL_WORK_DIR"]) if os.environ.get("BEVKIT_FULL_WORK_DIR") else None)
+        full_runs = env.get("BEVKIT_FULL_WORK_DIR")
+        checkpoint = request.checkpoint or latest_full_checkpoint(Path(full_runs) if full_runs else None)
         argv += ["-e", "--ckpt_path", str(checkpoint)]
     else:
         if request.checkpoint is not None:  # resume
             argv += ["--ckpt_path", str(request.checkpoint)]
-        if not _passes(extra, "--max_epochs"):
-            epochs = {"full": EPOCHS, "performance": 1, "smoke": SMOKE_EPOCHS}[request.mode]
+        epochs = {"full": EPOCHS, "performance": 1, "smoke": SMOKE_EPOCHS, "demo": DEMO_EPOCHS}[request.mode]
+        if epochs is not None and not _passes(extra, "--max_epochs"):
             argv += ["--max_epochs", str(epochs)]
-        if request.mode == "smoke":
+        if request.mode in SELF_EVALUATING:
             argv += ["--evaluate_after_fit"]
     return argv + extra
 
@@ -81,12 +100,21 @@ def build_entry(request: LaunchRequest) -> List[str]:
 SPEC = ModelSpec(
     name="bevdepth",
     display_name="BEVDepth",
-    upstream="BEVDepth",
+    upstream=UPSTREAM,
     samples_per_device=BATCH_PER_DEVICE,
     build_entry=build_entry,
-    configs={"full": REFERENCE_EXP, "performance": REFERENCE_EXP, "eval": REFERENCE_EXP, "smoke": SMOKE_EXP},
+    configs={"full": REFERENCE_EXP, "performance": REFERENCE_EXP, "eval": REFERENCE_EXP, "smoke": SMOKE_EXP,
+             "demo": DEMO_EXP},
     samples_per_device_for=batch_per_device,
     smoke_prepare=("bevkit.models.bevdepth.prepare",),  # info files + offline depth ground truth
     # One epoch of nuScenes train at global batch 64 (28130 // 64), the DrivingSDK performance recipe.
     performance_steps=28130 // 64,
+    patch_set="bevkit.models.bevdepth.patches:PATCHES",
+    data_checks="bevkit.models.bevdepth.data_check",
+    # map / nds: nuScenes-devkit fractions (0-1), shown in % like the READMEs; TP errors in devkit units
+    metrics={"map": ("mAP", 100.0), "nds": ("NDS", 100.0), "mate": ("mATE", 1.0), "mase": ("mASE", 1.0),
+             "maoe": ("mAOE", 1.0), "mave": ("mAVE", 1.0), "maae": ("mAAE", 1.0)},
+    references="bevdepth/reference.json",
+    pictures="bevkit.models.bevdepth.pictures",
+    checkpoints=((RESNET50, "img_backbone_conf.init_cfg (torchvision://resnet50)"),),
 )

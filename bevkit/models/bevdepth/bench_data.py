@@ -67,7 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     from .runtime import activate
 
-    activate("cpu")
+    activate(device="cpu")
     final_dim = tuple(int(v) for v in args.final_dim.split("x"))
     dataset = build_dataset(os.path.abspath(args.data_root), final_dim)
     modes = ["online", "precomputed"] if args.depth == "both" else [args.depth]

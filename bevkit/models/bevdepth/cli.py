@@ -5,8 +5,9 @@ Same command line as upstream (pytorch-lightning Trainer arguments, ``-e/--evalu
 gradient clip 5, no validation during fit, fp16 AMP), adapted to pytorch-lightning 1.9 and to the
 device:
 
-- ``--device {npu,cuda,cpu}`` (default ``$BEVKIT_DEVICE`` or the best available). Devices per node come
-  from torchrun (``LOCAL_WORLD_SIZE``) unless ``--devices``/``--gpus`` say otherwise.
+- the device is the run's (:func:`bevkit.device.run_device`: ``bevdepth/run.py --device``, else
+  ``$BEVKIT_DEVICE``, else the best available), resolved once when the kit was activated. Devices per node
+  come from torchrun (``LOCAL_WORLD_SIZE``) unless ``--devices``/``--gpus`` say otherwise.
 - NPU: :mod:`bevkit.lightning_npu` (accelerator, DDP over hccl, NPU AMP + torch_npu grad scaler).
   CUDA: Lightning's own GPU accelerator, DDP over nccl, native AMP. CPU: DDP over gloo; precision 32 by
   default (``--precision bf16`` for CPU autocast; upstream's 16 means bf16 on CPU).
@@ -24,6 +25,10 @@ import warnings
 from argparse import ArgumentParser
 from typing import List, Optional, Sequence
 
+from bevkit import env
+from bevkit.compat import prepare_imports
+from bevkit.device import RunDevice, run_device
+
 
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name, "")
@@ -31,8 +36,6 @@ def _env_int(name: str, default: int) -> int:
 
 
 def build_parser(exp_name: str, epochs: int = 24) -> ArgumentParser:
-    from bevkit.compat import prepare_imports
-
     prepare_imports()  # Lightning imports torchvision
     import pytorch_lightning as pl
 
@@ -45,9 +48,7 @@ def build_parser(exp_name: str, epochs: int = 24) -> ArgumentParser:
     parser.add_argument("-b", "--batch_size_per_device", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="seed for initializing training")
     parser.add_argument("--ckpt_path", type=str)
-    parser.add_argument("--device", choices=["npu", "cuda", "cpu"], default=None,
-                        help="device type (default: $BEVKIT_DEVICE or the best available)")
-    parser.add_argument("--data_root", default=os.environ.get("BEVKIT_DATA_ROOT", "data/nuScenes"),
+    parser.add_argument("--data_root", default=env.get("BEVKIT_DATA_ROOT") or "data/nuScenes",
                         help="nuScenes data root with the info pkls (default: $BEVKIT_DATA_ROOT or "
                              "data/nuScenes)")
     parser.add_argument("--weight_decay", type=float, default=None,
@@ -59,14 +60,16 @@ def build_parser(exp_name: str, epochs: int = 24) -> ArgumentParser:
     parser.set_defaults(profiler="simple", deterministic=False, max_epochs=epochs,
                         num_sanity_val_steps=0, gradient_clip_val=5, limit_val_batches=0,
                         enable_checkpointing=True, precision=None,
-                        default_root_dir=os.environ.get("BEVKIT_RUN_DIR") or os.path.join("./outputs/", exp_name))
+                        default_root_dir=env.get("BEVKIT_RUN_DIR") or os.path.join("./outputs/", exp_name))
     return parser
 
 
-def trainer_setup(device: str, args) -> dict:
-    """Trainer keyword arguments (accelerator, devices, strategy, precision, plugins) for ``device``."""
+def trainer_setup(device, args) -> dict:
+    """Trainer keyword arguments (accelerator, devices, strategy, precision, plugins) for ``device`` (a
+    :class:`~bevkit.device.RunDevice` or a device type)."""
     from pytorch_lightning.strategies import DDPStrategy
 
+    device = RunDevice.of(device)
     devices = args.devices or args.gpus or _env_int("LOCAL_WORLD_SIZE", 1)
     if isinstance(devices, str):
         devices = int(devices) if devices.isdigit() else devices
@@ -74,7 +77,7 @@ def trainer_setup(device: str, args) -> dict:
     precision = args.precision
     kwargs = dict(devices=devices, num_nodes=num_nodes, gpus=None)
     ddp = isinstance(devices, int) and devices * num_nodes > 1 or num_nodes > 1
-    if device == "npu":
+    if device.kind == "npu":
         from bevkit.lightning_npu import NPUAccelerator, NPUDDPStrategy, NPUMixedPrecisionPlugin
 
         precision = 16 if precision is None else precision
@@ -84,7 +87,7 @@ def trainer_setup(device: str, args) -> dict:
         if str(precision) == "16":
             kwargs["plugins"] = [NPUMixedPrecisionPlugin()]
             precision = 32  # the plugin does the mixed precision; Lightning must not add its own
-    elif device == "cuda":
+    elif device.kind == "cuda":
         precision = 16 if precision is None else precision
         kwargs.update(accelerator="gpu", strategy=DDPStrategy(find_unused_parameters=False) if ddp else None)
     else:
@@ -94,7 +97,7 @@ def trainer_setup(device: str, args) -> dict:
             warnings.warn("CPU has no fp16 autocast: --precision 16 means bf16 on CPU")
             precision = "bf16"
         kwargs.update(accelerator="cpu",
-                      strategy=DDPStrategy(process_group_backend="gloo", find_unused_parameters=False)
+                      strategy=DDPStrategy(process_group_backend=device.dist_backend, find_unused_parameters=False)
                       if ddp else None)
     kwargs["precision"] = precision
     if kwargs.get("strategy") is None:
@@ -122,34 +125,28 @@ def world_size_of(kwargs: dict) -> int:
 
 def run_cli(model_class, exp_name: str = "base_exp", use_ema: bool = False,
             extra_trainer_config_args: Optional[dict] = None, argv: Optional[Sequence[str]] = None):
-    """Drop-in for upstream ``run_cli`` (same signature); argv defaults to what bevdepth/run.py got."""
+    """Drop-in for upstream ``run_cli`` (same signature): parses the experiment's command line (``sys.argv``,
+    set by bevdepth/run.py) like upstream does, on the run's device."""
     import pytorch_lightning as pl
 
-    from . import runtime
+    from bevkit.timing.lightning import BevkitTimingCallback
 
     extra = extra_trainer_config_args or {}
     parser = build_parser(exp_name, extra.get("epochs", 24))
-    args = parser.parse_args(list(runtime.EXP_ARGV if argv is None else argv))
-    device = runtime.activate(args.device)
+    args = parser.parse_args(None if argv is None else list(argv))
+    device = run_device()
     if args.seed is not None:
         pl.seed_everything(args.seed)
     trainer_kwargs = trainer_setup(device, args)
     # upstream: lr = 2e-4 / 64 * batch_per_device * gpus -> the global batch decides it
     model_kwargs = dict(vars(args), gpus=world_size_of(trainer_kwargs))
-    for key in ("device", "evaluate_after_fit"):
-        model_kwargs.pop(key)
+    model_kwargs.pop("evaluate_after_fit")
     if model_kwargs.get("nusc_version") is None:
         model_kwargs.pop("nusc_version")
-    os.environ.setdefault("BEVKIT_DATA_ROOT", args.data_root)
     model = model_class(**model_kwargs)
 
-    callbacks: List = []
-    try:
-        from bevkit.timing.lightning import BevkitTimingCallback
-
-        callbacks.append(BevkitTimingCallback(samples_per_device=args.batch_size_per_device))
-    except ImportError:  # timing module not installed: Lightning's own progress output only
-        pass
+    # the runner knows the batch: each step record counts batch per device x world size samples
+    callbacks: List = [BevkitTimingCallback(samples_per_device=args.batch_size_per_device)]
     if use_ema:
         from bevdepth.callbacks.ema import EMACallback
 

@@ -8,18 +8,19 @@ the upstream formulation in ``test/test_bevdepth_patches.py``.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
 import os
-import warnings
+import threading
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-from bevkit.device import device_type
+from bevkit import checkpoints, env, log
+from bevkit.device import device_type, run_device
+from bevkit.models.bevdepth.pictures import dump_on_eval_step
+from bevkit.models.bevdepth.results import record_on_evaluate
 from bevkit.patching import PatchSet, RuntimePatch
 
 LSS = "bevdepth.layers.backbones.base_lss_fpn"
@@ -48,31 +49,13 @@ def stays_put(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.as_subclass(StaysPut)
 
 
-def _autocast_kinds() -> List[str]:
-    kinds = ["cpu"]
-    if torch.cuda.is_available():
-        kinds.append("cuda")
-    if hasattr(torch, "npu"):  # torch_npu imported (or its test fake)
-        kinds.append("npu")
-    return kinds
-
-
-@contextlib.contextmanager
-def no_autocast():
-    """Autocast off for every device type in use (upstream's ``torch.cuda.amp.autocast(False)``
-    only switches CUDA autocast off, so fp32-only code would run in bf16/fp16 on CPU or NPU)."""
-    with contextlib.ExitStack() as stack:
-        for kind in _autocast_kinds():
-            stack.enter_context(torch.autocast(device_type=kind, enabled=False))
-        yield
-
-
 def _cuda_autocast_replacement(original):
-    """``autocast(enabled=False)`` -> :func:`no_autocast`; anything else stays upstream's."""
+    """``autocast(enabled=False)`` -> autocast off on the run's device (RunDevice.autocast_off); anything else
+    stays upstream's."""
 
     def autocast(enabled: bool = True, *args, **kwargs):
         if not enabled and not args and not kwargs:
-            return no_autocast()
+            return run_device().autocast_off()
         return original(enabled, *args, **kwargs)
 
     return autocast
@@ -98,24 +81,25 @@ class _MapCudaDevice(TorchFunctionMode):
 
 
 def _voxel_pooling_train(original):
+    """bevkit.ops decides the backend (upstream's compiled kernel on CUDA when built, mx_driving on NPU,
+    portable elsewhere; BEVKIT_OPS_BACKEND forces one)."""
+
     def voxel_pooling_train(geom_xyz, input_features, voxel_num):
-        if original is not None and device_type(input_features) == "cuda":
-            return original(geom_xyz, input_features, voxel_num)  # upstream's compiled kernel
         from bevkit import ops
 
         return ops.voxel_pooling_train(geom_xyz, input_features, voxel_num)
 
+    voxel_pooling_train.__bevkit_original__ = original
     return voxel_pooling_train
 
 
 def _voxel_pooling_inference(original):
     def voxel_pooling_inference(geom_xyz, depth_features, context_features, voxel_num):
-        if original is not None and device_type(depth_features) == "cuda":
-            return original(geom_xyz, depth_features, context_features, voxel_num)
         from bevkit import ops
 
         return ops.voxel_pooling_inference(geom_xyz, depth_features, context_features, voxel_num)
 
+    voxel_pooling_inference.__bevkit_original__ = original
     return voxel_pooling_inference
 
 
@@ -153,7 +137,7 @@ def get_geometry(self, sensor2ego_mat, intrin_mat, ida_mat, bda_mat):
 
 
 def _deform_conv_forward(original):
-    """mmcv's DCN has no NPU kernel in the pip mmcv-full: run it through bevkit.ops.deform_conv2d."""
+    """DepthNet's DCN through bevkit.ops.deform_conv2d (mx_driving.deform_conv2d on NPU, see bevkit.ops)."""
 
     @functools.wraps(original)
     def forward(self, x):
@@ -190,7 +174,7 @@ def _head_forward(original):
 
     @functools.wraps(inner)
     def forward(self, x):
-        with no_autocast():
+        with run_device().autocast_off():
             return inner(self, x)
 
     return forward
@@ -238,40 +222,24 @@ def _configure_optimizers(original):
     return configure_optimizers
 
 
+#: The data root of the Lightning module being built (its backbone looks for pretrained weights there).
+_building = threading.local()
+
+
 def _module_init(original):
     @functools.wraps(original)
     def __init__(self, *args, **kwargs):
-        original(self, *args, **kwargs)
+        _building.data_root = kwargs.get("data_root")
+        try:
+            original(self, *args, **kwargs)
+        finally:
+            _building.data_root = None
         # upstream's evaluator reads './data/nuScenes' whatever --data_root says
         self.evaluator.data_root = self.data_root
-        self.evaluator.version = kwargs.get("nusc_version") or os.environ.get(
-            "BEVKIT_NUSC_VERSION", self.evaluator.version)
+        self.evaluator.version = kwargs.get("nusc_version") or env.get("BEVKIT_NUSC_VERSION") or \
+            self.evaluator.version
 
     return __init__
-
-
-METRIC_NAMES = ("mAP", "NDS", "mATE", "mASE", "mAOE", "mAVE", "mAAE")
-
-
-def _evaluate_single(original):
-    @functools.wraps(original)
-    def _evaluate_single(self, result_path, *args, **kwargs):
-        detail = original(self, result_path, *args, **kwargs)
-        metrics = {}
-        for key, value in detail.items():
-            name = key.rsplit("/", 1)[-1]
-            if name in METRIC_NAMES:
-                metrics[name] = float(value)
-        print("bevkit metrics: " + ", ".join(f"{k}: {metrics[k]:.4f}" for k in METRIC_NAMES if k in metrics))
-        try:
-            from bevkit.results import write_metrics
-        except ImportError:  # results module not available: the printed line is the record
-            write_metrics = None
-        if write_metrics is not None and os.environ.get("BEVKIT_RUN_DIR"):
-            write_metrics({k.lower(): v for k, v in metrics.items()})
-        return detail
-
-    return _evaluate_single
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -290,7 +258,7 @@ def depth_gt_path(data_root: str, image_filename: str) -> str:
 def _get_lidar_depth(original):
     @functools.wraps(original)
     def get_lidar_depth(self, lidar_points, img, lidar_info, cam_info):
-        mode = os.environ.get("BEVKIT_DEPTH_GT", "auto")
+        mode = env.get("BEVKIT_DEPTH_GT") or "auto"
         if mode not in ("auto", "precomputed", "online"):
             raise ValueError(f"BEVKIT_DEPTH_GT={mode!r}: use auto, precomputed or online")
         if mode != "online":
@@ -305,8 +273,8 @@ def _get_lidar_depth(original):
                     f"'python -m bevkit.data.depth_gt {self.data_root}' (or set BEVKIT_DEPTH_GT=online)")
             if not _warned_online:
                 _warned_online.append(path)
-                warnings.warn(f"no precomputed depth GT ({path}); projecting lidar online, which is slow. "
-                              f"Run 'python -m bevkit.data.depth_gt {self.data_root}'.")
+                log.get("bevdepth").warning(f"no precomputed depth GT ({path}); projecting lidar online, which is "
+                                            f"slow. Run 'python -m bevkit.data.depth_gt {self.data_root}'.")
         return original(self, lidar_points, img, lidar_info, cam_info)
 
     return get_lidar_depth
@@ -315,44 +283,14 @@ def _get_lidar_depth(original):
 # ---------------------------------------------------------------------------------------------------
 # pretrained backbone
 
-RESNET50_FILE = "resnet50-0676ba61.pth"
-
-
-def resnet50_candidates(data_root: Optional[str] = None) -> List[Path]:
-    """Where the torchvision ResNet-50 weights are looked for, in order."""
-    places = []
-    if os.environ.get("BEVKIT_CKPT_DIR"):
-        places.append(Path(os.environ["BEVKIT_CKPT_DIR"]) / RESNET50_FILE)
-    if data_root:
-        places.append(Path(data_root) / "ckpts" / RESNET50_FILE)
-    hub = Path(torch.hub.get_dir()) / "checkpoints" / RESNET50_FILE
-    places.append(hub)
-    return places
-
-
-def sha256_prefix_ok(path: Path, prefix: str) -> bool:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest().startswith(prefix)
+RESNET50_FILE = checkpoints.RESNET50.file
 
 
 def find_resnet50(data_root: Optional[str] = None) -> Path:
-    """The verified local resnet50-0676ba61.pth, or a FileNotFoundError saying where to put it."""
-    prefix = RESNET50_FILE.split("-")[1].split(".")[0]
-    places = resnet50_candidates(data_root)
-    for place in places:
-        if place.is_file():
-            if not sha256_prefix_ok(place, prefix):
-                raise ValueError(f"{place}: sha256 does not start with {prefix}; the file is corrupt or "
-                                 f"not torchvision's ResNet-50 (download it again)")
-            return place
-    raise FileNotFoundError(
-        "BEVDepth's image backbone starts from torchvision's ImageNet ResNet-50, and there is no network "
-        f"download here. Put {RESNET50_FILE} (https://download.pytorch.org/models/{RESNET50_FILE}) in one "
-        "of: " + "; ".join(str(p) for p in places) + " (BEVKIT_CKPT_DIR, <data root>/ckpts or the torch "
-        "hub cache), or set BEVKIT_PRETRAINED=none to train from scratch.")
+    """The verified local torchvision ResNet-50 (bevkit.checkpoints search order), or a FileNotFoundError
+    saying where to put it."""
+    return checkpoints.locate(checkpoints.RESNET50, data_root,
+                              fallback="or set BEVKIT_PRETRAINED=none to train from scratch")
 
 
 def _lss_init(original):
@@ -362,10 +300,10 @@ def _lss_init(original):
         if conf is not None and isinstance(conf.get("init_cfg"), dict) \
                 and conf["init_cfg"].get("checkpoint") == "torchvision://resnet50":
             conf = dict(conf)
-            if os.environ.get("BEVKIT_PRETRAINED", "").lower() == "none":
+            if (env.get("BEVKIT_PRETRAINED") or "").lower() == "none":
                 conf.pop("init_cfg")
             else:
-                path = find_resnet50(os.environ.get("BEVKIT_DATA_ROOT"))
+                path = find_resnet50(getattr(_building, "data_root", None) or env.get("BEVKIT_DATA_ROOT"))
                 conf["init_cfg"] = dict(conf["init_cfg"], checkpoint=str(path))
             kwargs["img_backbone_conf"] = conf
         original(self, *args, **kwargs)
@@ -390,8 +328,8 @@ PATCHES = PatchSet("bevdepth", [
             "accelerator, DDP backend and precision per device on Lightning 1.9 (same arguments)"),
     RuntimePatch(
         "voxel_pooling_train", f"{LSS}:voxel_pooling_train", _voxel_pooling_train,
-        why="the compiled op exists only with CUDA; elsewhere use bevkit.ops (mx_driving on NPU, "
-            "portable PyTorch on CPU)"),
+        why="the compiled op exists only with CUDA and is called before any backend choice; bevkit.ops picks "
+            "it on CUDA, mx_driving on NPU, portable PyTorch elsewhere (BEVKIT_OPS_BACKEND forces one)"),
     RuntimePatch(
         "voxel_pooling_inference", f"{LSS}:voxel_pooling_inference", _voxel_pooling_inference,
         why="as voxel_pooling_train, for evaluation"),
@@ -405,8 +343,9 @@ PATCHES = PatchSet("bevdepth", [
         devices=("npu",), check=_is_function),
     RuntimePatch(
         "dcn_portable", "mmcv.ops.deform_conv:DeformConv2dPack.forward", _deform_conv_forward,
-        why="DepthNet's DCN: pip mmcv-full has no NPU kernel; bevkit.ops.deform_conv2d dispatches to "
-            "mx_driving", devices=("npu",), check=_is_function),
+        why="DepthNet's DCN runs mx_driving.deform_conv2d through bevkit.ops (the replacement mx_driving's own "
+            "patcher installs for mmcv's DeformConv2dFunction), not mmcv's NPU branch", devices=("npu",),
+        check=_is_function),
     RuntimePatch(
         "head_targets_device", f"{HEAD}:BEVDepthHead.get_targets_single", _get_targets_single,
         why="targets are created with device='cuda'; build them on the host and move them to the "
@@ -433,8 +372,12 @@ PATCHES = PatchSet("bevdepth", [
         "evaluator_data_root", f"{EXP}:BEVDepthLightningModel.__init__", _module_init,
         why="DetNuscEvaluator hard-codes ./data/nuScenes; evaluate against --data_root"),
     RuntimePatch(
-        "evaluator_metrics", f"{EVALUATOR}:DetNuscEvaluator._evaluate_single", _evaluate_single,
+        "evaluator_metrics", f"{EVALUATOR}:DetNuscEvaluator._evaluate_single", record_on_evaluate,
         why="upstream drops the metrics it computes; write mAP, NDS and TP errors to metrics.json"),
+    RuntimePatch(
+        "prediction_samples", f"{EXP}:BEVDepthLightningModel.eval_step", dump_on_eval_step,
+        why="dump the boxes the evaluator receives and the key frame's predicted depth for a few samples to "
+            "$BEVKIT_RUN_DIR/predictions/ for the pictures (bevkit.visualize)", check=_is_function),
     RuntimePatch(
         "depth_gt_precomputed", f"{DATASET}:NuscDetDataset.get_lidar_depth", _get_lidar_depth,
         why="read depth_gt/<image>.bin made offline by 'python -m bevkit.data.depth_gt' instead of "
@@ -442,5 +385,5 @@ PATCHES = PatchSet("bevdepth", [
     RuntimePatch(
         "pretrained_offline", f"{LSS}:BaseLSSFPN.__init__", _lss_init,
         why="torchvision://resnet50 downloads at build time; use a verified local file "
-            "(BEVKIT_CKPT_DIR, <data root>/ckpts, torch hub cache) or BEVKIT_PRETRAINED=none"),
+            "(bevkit.checkpoints search order) or BEVKIT_PRETRAINED=none"),
 ])

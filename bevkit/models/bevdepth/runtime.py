@@ -1,36 +1,39 @@
-"""Bring BEVDepth up inside a process: upstream on sys.path, shared fixes, the 'bevdepth' runtime patches.
+"""In-process side of the kit for BEVDepth: the shared runtime protocol (:mod:`bevkit.runtime`) for BEVDepth.
 
-``activate(device)`` is all an entry point needs; ``run_exp(argv)`` is the kit's entry for an upstream
-experiment file (``bevdepth/run.py EXP.py [args]``): it activates the kit, then runs the experiment as
-``__main__``; the experiment's ``run_cli`` is the kit's (:mod:`bevkit.models.bevdepth.cli`).
+``activate(entry_file=None, device=None, disable=None)`` makes the upstream checkout importable, runs the
+pre-import fixes, registers the NPU device (torch_npu) on NPU runs, applies the patch sets 'common' and
+'bevdepth' for the run's device (``BEVKIT_DISABLE_PATCHES=a,b`` leaves named patches out).
+
+``run_exp(argv)`` is the kit's entry for an upstream experiment file (``bevdepth/run.py EXP.py [args]``): it
+takes the kit's own option (``--device``), activates the kit once, and runs the experiment as ``__main__`` with
+the remaining arguments as its command line (``sys.argv``, as ``python EXP.py args`` would); the experiment's
+``run_cli`` is then the kit's (:mod:`bevkit.models.bevdepth.cli`).
 """
 from __future__ import annotations
 
 import argparse
-import os
+import importlib
+import importlib.util
 import runpy
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
-from bevkit import REPO_ROOT
+from bevkit.device import DEVICES, RunDevice
+from bevkit.runtime import ModelRuntime
+from bevkit.upstream import checkout_dir
 
-_ACTIVE: dict = {}
-#: argv of the experiment (after the exp path), read by the kit's run_cli
-EXP_ARGV: List[str] = []
+__all__ = ["activate", "deactivate", "run_exp", "RUNTIME"]
 
 
 def upstream_checkout() -> Path:
     """The BEVDepth checkout to import: BEVDEPTH_SRC when it is a checkout, else upstream/BEVDepth."""
+    import os
+
     src = os.environ.get("BEVDEPTH_SRC")
     if src and (Path(src) / "bevdepth" / "exps").is_dir():
         return Path(src).resolve()
-    try:
-        from bevkit.upstream import checkout_dir
-
-        return checkout_dir("BEVDepth")
-    except ImportError:  # pragma: no cover - registry not present
-        return REPO_ROOT / "upstream" / "BEVDepth"
+    return checkout_dir("BEVDepth")
 
 
 def ensure_upstream_importable() -> Path:
@@ -40,9 +43,6 @@ def ensure_upstream_importable() -> Path:
     sys.path (like this kit's own ``bevdepth/`` model folder) joins it; that is harmless as long as the
     kit's folder holds none of upstream's subpackage names (test_bevdepth_layout checks this).
     """
-    import importlib
-    import importlib.util
-
     try:
         spec = importlib.util.find_spec("bevdepth.exps")
     except ModuleNotFoundError:  # no `bevdepth` on sys.path at all
@@ -60,56 +60,25 @@ def ensure_upstream_importable() -> Path:
     return checkout
 
 
-def resolve_device(device: Optional[str] = None) -> str:
-    from bevkit.device import DEVICES, default_device
-
-    device = device or os.environ.get("BEVKIT_DEVICE") or default_device()
-    if device not in DEVICES:
-        raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    return device
-
-
-def activate(device: Optional[str] = None) -> str:
-    """Apply the shared and BEVDepth runtime patches for ``device`` (idempotent); returns the device."""
-    device = resolve_device(device)
-    if _ACTIVE:
-        if _ACTIVE["device"] != device:
-            raise RuntimeError(f"bevdepth runtime already active for {_ACTIVE['device']}, not {device}")
-        return device
-    os.environ["BEVKIT_DEVICE"] = device
-    ensure_upstream_importable()
-    from bevkit import compat
-
-    compat.prepare_imports()
-    if device == "npu":
-        import torch_npu  # noqa: F401  (registers the 'npu' device before any model code runs)
-
-        import torch
-
-        torch.npu.config.allow_internal_format = False  # upstream NPU port: private formats break DDP
-    with compat.mmcv_version_as("1.7.0"):  # PyPI mmdet3d 1.0.0rc4 asserts mmcv <= 1.7.0
-        import mmdet3d  # noqa: F401
-    common = compat.PATCHES
-    owns_common = not common.applied  # FB-OCC's runtime may have applied the shared set in this process
-    if owns_common:
-        common.apply(device)
-    from .patches import PATCHES
-
-    PATCHES.apply(device)
-    _ACTIVE.update(device=device, owns_common=owns_common)
-    return device
-
-
-def deactivate() -> None:
-    """Undo what :func:`activate` applied (tests): the BEVDepth patches, and the shared set if it applied it."""
-    from .patches import PATCHES
-
-    PATCHES.undo()
-    if _ACTIVE.get("owns_common"):
+class BEVDepthRuntime(ModelRuntime):
+    def prepare(self, device: RunDevice, entry_file: Optional[str]) -> None:
+        ensure_upstream_importable()
         from bevkit import compat
 
-        compat.PATCHES.undo()
-    _ACTIVE.clear()
+        compat.prepare_imports()
+        if device.kind == "npu":
+            import torch_npu  # noqa: F401  (registers the 'npu' device before any model code runs)
+
+            import torch
+
+            torch.npu.config.allow_internal_format = False  # upstream NPU port: private formats break DDP
+        with compat.mmcv_version_as("1.7.0"):  # PyPI mmdet3d 1.0.0rc4 asserts mmcv <= 1.7.0
+            import mmdet3d  # noqa: F401
+
+
+RUNTIME = BEVDepthRuntime("bevdepth")
+activate = RUNTIME.activate
+deactivate = RUNTIME.deactivate
 
 
 def _exp_path(name: str) -> Path:
@@ -129,11 +98,12 @@ def run_exp(argv: Sequence[str]) -> int:
         print(__doc__)
         print("usage: bevdepth/run.py EXP.py [--device {npu,cuda,cpu}] [-e --ckpt_path CKPT] [-b N] ...")
         return 0 if argv else 2
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--device", default=None)
-    known, _ = pre.parse_known_args(argv[1:])
-    activate(known.device)
+    kit = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    kit.add_argument("--device", choices=DEVICES, default=None,
+                     help="device type (default: $BEVKIT_DEVICE or the best available)")
+    own, rest = kit.parse_known_args(argv[1:])
+    activate(device=own.device)
     exp = _exp_path(argv[0])
-    EXP_ARGV[:] = list(argv[1:])
+    sys.argv = [str(exp), *rest]  # the experiment's command line, as `python EXP.py args` would have it
     runpy.run_path(str(exp), run_name="__main__")
     return 0

@@ -1,36 +1,55 @@
-"""FB-OCC (FB-BEV @6e25469) in the kit: the launcher's model spec.
+"""FB-OCC (FB-BEV @6e25469) in the kit: everything the shared modules know about it (:data:`SPEC`).
 
-The launcher (bevkit.launch) runs ``torchrun ... <argv>`` from the upstream checkout with the argv built
-here; the patched tools/train.py / tools/test.py call :func:`bevkit.models.fbocc.runtime.activate`.
-This module imports neither torch nor upstream code.
+The launcher (:mod:`bevkit.launch`) runs ``torchrun ... <argv>`` from the upstream checkout with the argv built
+here; the patched ``tools/train.py`` / ``tools/test.py`` call :func:`bevkit.models.fbocc.runtime.activate` and
+:func:`bevkit.models.fbocc.config.finalize`. The model's other knowledge: runtime patches
+(:mod:`.patches`), data checks (:mod:`.data_check`), metrics (:mod:`.results`), data preparation
+(:mod:`.prepare`), reference results (``fbocc/reference.json``). This module imports neither torch nor
+upstream code.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import List, Optional
 
-from bevkit.models import LaunchRequest, ModelSpec
+from bevkit import REPO_ROOT
+from bevkit.checkpoints import RESNET50, Checkpoint
+from bevkit.registry import LaunchRequest, ModelSpec, Upstream
+
+UPSTREAM = Upstream(
+    name="FB-BEV", model="fbocc",
+    url="https://github.com/NVlabs/FB-BEV.git",
+    commit="6e25469256d98e7fcb52cc43efe812dc2fd2b446",
+    tree="c428ac7bd504807dd6650242878747b25e34f638",
+    patches=("fbocc/fbocc.patch",),
+    src_env="FBBEV_SRC", src_option="--fbbev-src",
+)
 
 CONFIGS = {
     "full": "fbocc/configs/fbocc_r50_8p.py",
     "performance": "fbocc/configs/fbocc_r50_8p_performance.py",
     "eval": "fbocc/configs/fbocc_r50_8p.py",
     "smoke": "fbocc/configs/fbocc_tiny_smoke.py",
+    "demo": "fbocc/configs/fbocc_tiny_smoke.py",  # until the demo config lands: fbocc/configs/fbocc_tiny_demo.py
 }
 
-#: Batch per device of the kit's configs (the tiny smoke config uses 1).
-SAMPLES_PER_DEVICE = {"full": 4, "performance": 4, "eval": 1, "smoke": 1}
+#: Batch per device of the kit's configs (the tiny smoke config trains with 1); any other config is read.
+#: tools/test.py always evaluates with 1 per device.
+CONFIG_SAMPLES_PER_DEVICE = {"fbocc/configs/fbocc_r50_8p.py": 4, "fbocc/configs/fbocc_r50_8p_performance.py": 4,
+                             "fbocc/configs/fbocc_tiny_smoke.py": 1}
+EVAL_SAMPLES_PER_DEVICE = 1
 
-
-def _repo_root() -> Path:
-    return Path(__file__).resolve().parents[3]
+#: The depth-pretrained weights the reference recipe starts from (``load_from``); no published checksum: its
+#: sha256 is recorded in the checkpoint folder's SHA256SUMS when first verified.
+DEPTH_PRETRAIN = Checkpoint(
+    "r50_256x705_depth_pretrain.pth",
+    "https://github.com/zhiqi-li/storage/releases/download/v1.0/r50_256x705_depth_pretrain.pth")
 
 
 def config_for(request: LaunchRequest) -> Path:
     if request.config is not None:
         return Path(request.config)
-    return _repo_root() / CONFIGS[request.mode]
+    return REPO_ROOT / CONFIGS[request.mode]
 
 
 def _data_root_option(request: LaunchRequest) -> str:
@@ -63,34 +82,46 @@ def build_entry(request: LaunchRequest) -> List[str]:
 
 
 def samples_per_device_for(request: LaunchRequest) -> int:
-    if request.config is None:
-        return SAMPLES_PER_DEVICE[request.mode]
-    found = _samples_per_gpu_in(Path(request.config))
-    return found if found is not None else SAMPLES_PER_DEVICE[request.mode]
-
-
-def _samples_per_gpu_in(path: Path, depth: int = 0) -> Optional[int]:
+    """What the entry point will use: tools/test.py evaluates 1 sample per device; training uses the config's
+    ``data.samples_per_gpu`` (the kit's configs: :data:`CONFIG_SAMPLES_PER_DEVICE`; another config is read)."""
+    if request.mode == "eval":
+        return EVAL_SAMPLES_PER_DEVICE
+    config = config_for(request)
     try:
-        text = path.read_text()
-    except OSError:
-        return None
-    match = re.search(r"^samples_per_gpu\s*=\s*(\d+)", text, re.M)
-    if match:
-        return int(match.group(1))
-    base = re.search(r"^_base_\s*=\s*\[\s*'(\./[^']+)'", text, re.M)
-    if base and depth < 4:
-        return _samples_per_gpu_in(path.parent / base.group(1), depth + 1)
-    return None
+        known = CONFIG_SAMPLES_PER_DEVICE.get(config.resolve().relative_to(REPO_ROOT).as_posix())
+    except ValueError:  # outside the repository
+        known = None
+    if known is not None:
+        return known
+    if not config.is_file():  # refused by the plan (a dry run shows it): the reference batch meanwhile
+        return CONFIG_SAMPLES_PER_DEVICE[CONFIGS["full"]]
+    found = _samples_per_gpu(config)
+    return found if found is not None else CONFIG_SAMPLES_PER_DEVICE[CONFIGS["full"]]
+
+
+def _samples_per_gpu(config: Path) -> Optional[int]:
+    from mmcv import Config  # a user's config: evaluated like tools/train.py does (its _base_ files too)
+
+    cfg = Config.fromfile(str(config))
+    data = cfg.get("data") or {}
+    value = data.get("samples_per_gpu", cfg.get("samples_per_gpu"))
+    return int(value) if value is not None else None
 
 
 SPEC = ModelSpec(
     name="fbocc",
     display_name="FBOCC",
-    upstream="FB-BEV",
-    samples_per_device=4,
+    upstream=UPSTREAM,
+    samples_per_device=CONFIG_SAMPLES_PER_DEVICE[CONFIGS["full"]],
     build_entry=build_entry,
     configs=dict(CONFIGS),
     samples_per_device_for=samples_per_device_for,
     smoke_prepare=("bevkit.models.fbocc.prepare", "--no-checkpoints"),  # the tiny config is trained from scratch
     smoke_eval_checkpoint="latest.pth",  # tools/test.py on what the smoke training wrote
+    patch_set="bevkit.models.fbocc.patches:PATCHES",
+    data_checks="bevkit.models.fbocc.data_check",
+    metrics={"miou": ("mIoU", 1.0)},  # Occ3D mIoU in % (upstream's 'Overall')
+    references="fbocc/reference.json",
+    pictures="bevkit.models.fbocc.pictures",
+    checkpoints=((RESNET50, "model.img_backbone.pretrained"), (DEPTH_PRETRAIN, "load_from")),
 )

@@ -1,14 +1,16 @@
-"""Config helpers for FB-OCC: where the upstream configs are, and the kit's last word on a loaded config.
+"""FB-OCC configs: where the upstream configs are, and the kit's last word on a loaded config.
 
 Our configs (fbocc/configs/*.py) inherit the upstream config through ``_base_``; mmcv resolves a base path
 relative to the config file unless it is absolute, so the kit's configs compute it from ``FBBEV_ROOT`` (set
 by :func:`bevkit.models.fbocc.runtime.activate` from the entry script's location, or by the launcher)
 with a fallback to ``upstream/FB-BEV`` next to the kit.
 
-:func:`finalize` runs inside tools/train.py and tools/test.py right after ``--cfg-options`` are merged
-(patch 'fbocc-config-finalize'). It makes every data and checkpoint path follow ``data_root`` (upstream
-derives them once, at config load, so ``--cfg-options data_root=...`` alone would not move them), and
-applies the per-device policy (dist backend, fp16, SyncBN) and the kit's timing hook.
+:func:`finalize` is one visible line in tools/train.py and tools/test.py (fbocc.patch), right after
+``--cfg-options`` are merged. Upstream derives every data path from ``data_root`` once, when the config is
+loaded, so ``--cfg-options data_root=...`` alone would not move them: the paths that still point at upstream's
+default data folder follow ``data_root`` (a path you set yourself, e.g. ``--cfg-options
+data.val.ann_file=...``, is kept); relative checkpoint paths follow the kit's checkpoint folder; then the
+per-device policy (dist backend, fp16, SyncBN) and the kit's timing hook.
 """
 from __future__ import annotations
 
@@ -17,18 +19,22 @@ import posixpath
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
+from bevkit import checkpoints, env
+from bevkit.device import RunDevice, run_device
+
 UPSTREAM_CONFIG = "occupancy_configs/fb_occ/fbocc-r50-cbgs_depth_16f_16x4_20e.py"
 
-#: Checkpoint file names the reference recipe loads (sha256 in bevkit.models.fbocc.prepare.CHECKPOINTS).
-BACKBONE_CKPT = "resnet50-0676ba61.pth"
-DEPTH_PRETRAIN_CKPT = "r50_256x705_depth_pretrain.pth"
+#: Upstream's default data folder (its configs' ``data_root``, relative to the FB-BEV checkout) and the cluster
+#: mount its dataset classes hard-coded for the Occ3D labels: paths under either still follow ``data_root``.
+UPSTREAM_DATA_ROOT = "data/nuscenes"
+UPSTREAM_MOUNT = "/mount/"
 
 
 def fbbev_root() -> Path:
     """The FB-BEV checkout the configs inherit from."""
-    env = os.environ.get("FBBEV_ROOT")
-    if env:
-        return Path(env)
+    env_root = os.environ.get("FBBEV_ROOT")
+    if env_root:
+        return Path(env_root)
     return Path(__file__).resolve().parents[3] / "upstream" / "FB-BEV"
 
 
@@ -48,67 +54,114 @@ def _walk(node: Any) -> Iterator[dict]:
 
 
 def _join(root: str, name: str) -> str:
-    return posixpath.join(root.rstrip("/") + "/", name)
+    return posixpath.join(root.rstrip("/") + "/", name) if name else root.rstrip("/") + "/"
+
+
+def upstream_default(path: Any) -> Optional[str]:
+    """For a path that still points at upstream's default data folder, the part below it ('' for the folder
+    itself); None for any other value (a path somebody chose)."""
+    if not isinstance(path, str):
+        return None
+    if path.startswith(UPSTREAM_MOUNT):
+        return ""  # upstream's Occ3D mount: its gts/ is DATA_ROOT/gts
+    norm = posixpath.normpath(path)
+    if norm == UPSTREAM_DATA_ROOT:
+        return ""
+    if norm.startswith(UPSTREAM_DATA_ROOT + "/"):
+        return norm[len(UPSTREAM_DATA_ROOT) + 1:]
+    return None
 
 
 def rebase_data_paths(cfg, data_root: Optional[str] = None, ckpt_dir: Optional[str] = None) -> Dict[str, str]:
-    """Point ann files, Occ3D gts and checkpoints at ``data_root`` (default: cfg.data_root).
+    """Point the paths that still name upstream's default data folder at ``data_root`` (default:
+    cfg.data_root), and relative checkpoint paths at the checkpoint folder.
 
-    - ``data.{train,val,test}.ann_file`` -> DATA_ROOT/<same file name>; ``data_root`` keys -> DATA_ROOT;
-    - every ``occupancy_path`` (top level, datasets, pipelines) -> DATA_ROOT/gts;
-    - relative checkpoint paths (``load_from``, backbone ``pretrained``) -> CKPT_DIR/<file name>, where
-      CKPT_DIR is ``cfg.ckpt_dir``, else DATA_ROOT/ckpts when that folder exists; otherwise they stay relative to
-      the working directory, as upstream has them (ckpts/ in the FB-BEV checkout).
-    Returns what changed (for the log).
+    - ``ann_file`` / ``data_root`` under ``data/nuscenes/`` -> the same file under DATA_ROOT;
+    - ``occupancy_path`` (top level, datasets, pipelines) of upstream's (``data/nuscenes/gts`` or its
+      ``/mount/...`` Occ3D folder) -> the top-level ``occupancy_path`` when you set one, else DATA_ROOT/gts;
+    - relative ``load_from`` / backbone ``pretrained`` -> CKPT_DIR/<file name>, CKPT_DIR being ``cfg.ckpt_dir``,
+      else the first existing of $BEVKIT_CKPT_DIR and DATA_ROOT/ckpts (:mod:`bevkit.checkpoints`); without
+      one they stay relative to the working directory, as upstream has them (ckpts/ in the FB-BEV checkout).
+
+    Any other path is yours and kept. Returns what changed (old -> new).
     """
     data_root = data_root or cfg.get("data_root")
     if not data_root:
         return {}
     data_root = str(data_root).rstrip("/") + "/"
     changed: Dict[str, str] = {}
+
+    def rebase(node: dict, key: str, target: str) -> None:
+        if node[key] != target:
+            changed[node[key]] = target
+            node[key] = target
+
     cfg.data_root = data_root
-    gts = _join(data_root, "gts")
-    if "occupancy_path" in cfg:
-        cfg.occupancy_path = gts
+    top_occ = cfg.get("occupancy_path")
+    gts = top_occ if isinstance(top_occ, str) and upstream_default(top_occ) is None else _join(data_root, "gts")
     for node in _walk(cfg._cfg_dict if hasattr(cfg, "_cfg_dict") else cfg):
-        if "ann_file" in node and isinstance(node["ann_file"], str):
-            new = _join(data_root, posixpath.basename(node["ann_file"]))
-            if new != node["ann_file"]:
-                changed[node["ann_file"]] = new
-            node["ann_file"] = new
-        if "occupancy_path" in node:
-            node["occupancy_path"] = gts
-        if "data_root" in node and isinstance(node["data_root"], str):
-            node["data_root"] = data_root
-    ckpt_dir = ckpt_dir or cfg.get("ckpt_dir")
-    if not ckpt_dir and os.path.isdir(_join(data_root, "ckpts")):
-        ckpt_dir = _join(data_root, "ckpts")
-    if not ckpt_dir:  # upstream layout: ckpts/ relative to the working directory (the FB-BEV checkout)
+        for key in ("ann_file", "data_root"):
+            below = upstream_default(node.get(key))
+            if below is not None:
+                rebase(node, key, _join(data_root, below))
+        if upstream_default(node.get("occupancy_path")) is not None:
+            rebase(node, "occupancy_path", gts)
+    folder = checkpoints.folder(data_root, explicit=ckpt_dir or cfg.get("ckpt_dir"))
+    if folder is None:  # upstream layout: ckpts/ relative to the working directory (the FB-BEV checkout)
         return changed
     load_from = cfg.get("load_from")
-    if isinstance(load_from, str) and not os.path.isabs(load_from):
-        cfg.load_from = _join(ckpt_dir, posixpath.basename(load_from))
+    if isinstance(load_from, str) and checkpoints.relative_to_folder(load_from):
+        cfg.load_from = _join(str(folder), posixpath.basename(load_from))
         changed[load_from] = cfg.load_from
     backbone = cfg.get("model", {}).get("img_backbone", {})
     pretrained = backbone.get("pretrained") if hasattr(backbone, "get") else None
-    if isinstance(pretrained, str) and not pretrained.startswith(("torchvision://", "open-mmlab://", "http")) \
-            and not os.path.isabs(pretrained):
-        backbone["pretrained"] = _join(ckpt_dir, posixpath.basename(pretrained))
+    if isinstance(pretrained, str) and checkpoints.relative_to_folder(pretrained):
+        backbone["pretrained"] = _join(str(folder), posixpath.basename(pretrained))
         changed[pretrained] = backbone["pretrained"]
     return changed
 
 
-def device_policy(cfg, device: str, world: int) -> List[str]:
+# ------------------------------------------------------------------------------------------ device policy
+def world_size() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def sync_bn_policy(device, world: int) -> str:
+    """'sync' keeps SyncBatchNorm; 'local' replaces it with per-process BatchNorm.
+
+    - one process: nothing to synchronize ('local'; identical maths, no collective per BN call);
+    - CPU (gloo): torch's SyncBatchNorm only runs on accelerator tensors ('local', each rank normalizes its
+      own batch, which is what the DrivingSDK NPU recipe's sync_bn=False does for the ResNet-50 BNs too);
+    - CUDA/NPU with several processes: 'sync' (upstream behaviour).
+    """
+    if world <= 1 or RunDevice.of(device).kind == 'cpu':
+        return 'local'
+    return 'sync'
+
+
+def apply_sync_bn_policy(model, device=None, world: Optional[int] = None):
+    """The SyncBN policy on a built model (config SyncBN and the hard-coded nn.SyncBatchNorm of the history
+    fusion)."""
+    from mmcv.cnn.utils import revert_sync_batchnorm
+
+    device = device or run_device()
+    world = world_size() if world is None else world
+    if sync_bn_policy(device, world) == "local":
+        model = revert_sync_batchnorm(model)
+    return model
+
+
+def device_policy(cfg, device, world: int) -> List[str]:
     """Per-device settings; returns human-readable notes of what differs from the upstream recipe."""
-    from bevkit.device import DIST_BACKEND, emulated_device
-
-    from .patches import sync_bn_policy
-
+    device = RunDevice.of(device)
     notes = []
-    backend = "gloo" if (device == "cpu" or emulated_device() == device) else DIST_BACKEND[device]
     cfg.setdefault("dist_params", {})
-    cfg.dist_params["backend"] = backend
-    if device == "cpu" and cfg.get("fp16") is not None:
+    cfg.dist_params["backend"] = device.dist_backend
+    if device.kind == "cpu" and cfg.get("fp16") is not None:
         # mmcv's Fp16OptimizerHook and auto_fp16 are built on torch.cuda.amp; CPU has no fp16 autocast.
         cfg.fp16 = None
         notes.append("fp16 off on CPU (fp32)")
@@ -153,11 +206,10 @@ def add_timing_hook(cfg) -> None:
 
 def finalize(cfg) -> None:
     """The kit's adjustments to a loaded (and --cfg-options merged) FB-OCC config."""
-    from . import runtime
-
     rebase_data_paths(cfg)
     propagate_shared(cfg)
-    device_policy(cfg, runtime.run_device(), int(os.environ.get("WORLD_SIZE", "1")))
-    if os.environ.get("BEVKIT_WORKERS"):
-        cfg.data.workers_per_gpu = int(os.environ["BEVKIT_WORKERS"])
+    device_policy(cfg, run_device(), int(os.environ.get("WORLD_SIZE", "1")))
+    workers = env.get_int("BEVKIT_WORKERS")
+    if workers is not None:
+        cfg.data.workers_per_gpu = workers
     add_timing_hook(cfg)

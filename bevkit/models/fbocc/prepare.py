@@ -8,7 +8,8 @@
 2. Occ3D ground truth: DATA_ROOT/gts, or ``--occ3d DIR`` to link it there; every sample of the infos
    must have gts/<scene>/<token>/labels.npz.
 3. Pretrained checkpoints (reference recipe only; ``--no-checkpoints`` for smoke runs): in CKPT_DIR
-   (default DATA_ROOT/ckpts), verified by sha256 (see :data:`CHECKPOINTS`).
+   (``--ckpt-dir``, else the kit's checkpoint folder: $BEVKIT_CKPT_DIR or DATA_ROOT/ckpts), verified by sha256
+   (``SPEC.checkpoints``, :mod:`bevkit.checkpoints`).
 
 Exit status 0 when everything needed is in place, 1 otherwise (with what to do).
 """
@@ -16,89 +17,34 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import os
 import pickle
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
+
+from bevkit import checkpoints
 
 INFO_PREFIX = "bevdetv2-nuscenes"
 VERSION = "v1.0-trainval"
 SPLITS = ("train", "val")
 
-#: Pretrained weights of the reference recipe. torchvision names its files with the first 8 hex digits of the
-#: file's sha256 (torch.hub checks that prefix); the depth-pretrain release publishes no checksum, so the kit
-#: records its sha256 in CKPT_DIR/SHA256SUMS the first time it is verified (and checks it from then on),
-#: unless a full sha256 is given here.
-CHECKPOINTS: Dict[str, Dict[str, Optional[str]]] = {
-    "resnet50-0676ba61.pth": {
-        "url": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
-        "sha256": None,
-        "sha256_prefix": "0676ba61",
-        "used_as": "model.img_backbone.pretrained",
-    },
-    "r50_256x705_depth_pretrain.pth": {
-        "url": "https://github.com/zhiqi-li/storage/releases/download/v1.0/r50_256x705_depth_pretrain.pth",
-        "sha256": None,
-        "sha256_prefix": None,
-        "used_as": "load_from",
-    },
-}
-SUMS_FILE = "SHA256SUMS"
+SUMS_FILE = checkpoints.SUMS_FILE
 
 
 def info_path(data_root: Path, split: str) -> Path:
     return data_root / f"{INFO_PREFIX}_infos_{split}.pkl"
 
 
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _read_sums(ckpt_dir: Path) -> Dict[str, str]:
-    sums = {}
-    path = ckpt_dir / SUMS_FILE
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            parts = line.split()
-            if len(parts) == 2:
-                sums[parts[1].lstrip("*")] = parts[0]
-    return sums
-
-
 def check_checkpoints(ckpt_dir: Path, record: bool = True) -> List[str]:
-    """Problems with the pretrained checkpoints (empty list when all are present and verified)."""
-    problems = []
-    sums = _read_sums(ckpt_dir)
-    new_sums = dict(sums)
-    for name, meta in CHECKPOINTS.items():
-        path = ckpt_dir / name
-        if not path.is_file():
-            problems.append(f"missing checkpoint {path} ({meta['used_as']}): download it with\n"
-                            f"    mkdir -p {ckpt_dir} && wget -O {path} {meta['url']}\n"
-                            f"  or point the run elsewhere with --cfg-options ckpt_dir=DIR")
-            continue
-        digest = sha256_of(path)
-        expected = meta["sha256"] or sums.get(name)
-        if expected and digest != expected:
-            problems.append(f"{path}: sha256 {digest} does not match the recorded {expected}; download it "
-                            f"again from {meta['url']}")
-        elif meta["sha256_prefix"] and not digest.startswith(meta["sha256_prefix"]):
-            problems.append(f"{path}: sha256 {digest} does not start with {meta['sha256_prefix']} (the hash in "
-                            f"its file name): the file is corrupt or not the torchvision release; download "
-                            f"it again from {meta['url']}")
-        else:
-            new_sums[name] = digest
-    if record and new_sums != sums:  # only files that passed are recorded
-        (ckpt_dir / SUMS_FILE).write_text("".join(f"{d}  {n}\n" for n, d in sorted(new_sums.items())))
-    return problems
+    """Problems with the reference recipe's pretrained checkpoints (``SPEC.checkpoints``) in ``ckpt_dir``
+    (empty list when all are present and verified; see :mod:`bevkit.checkpoints`)."""
+    from bevkit.models.fbocc import SPEC
+
+    return checkpoints.check_folder([c for c, _ in SPEC.checkpoints], ckpt_dir, record=record,
+                                    used_as={c.file: role for c, role in SPEC.checkpoints})
 
 
 @contextlib.contextmanager
@@ -193,7 +139,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--fbbev", type=Path, default=None,
                         help="FB-BEV checkout (default: $FBBEV_ROOT or upstream/FB-BEV of the kit)")
     parser.add_argument("--occ3d", type=Path, default=None, help="Occ3D gts folder to link as DATA_ROOT/gts")
-    parser.add_argument("--ckpt-dir", type=Path, default=None, help="checkpoint folder (default DATA_ROOT/ckpts)")
+    parser.add_argument("--ckpt-dir", type=Path, default=None,
+                        help="checkpoint folder (default $BEVKIT_CKPT_DIR, else DATA_ROOT/ckpts)")
     parser.add_argument("--no-checkpoints", action="store_true",
                         help="do not require the pretrained checkpoints (smoke runs use none)")
     parser.add_argument("--force", action="store_true", help="recreate the info files even if present")
@@ -225,7 +172,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"info files present in {data_root} (--force to recreate)")
     problems += check_occ3d(data_root, args.occ3d)
     if not args.no_checkpoints:
-        problems += check_checkpoints((args.ckpt_dir or data_root / "ckpts").resolve())
+        folder = checkpoints.folder(data_root, explicit=args.ckpt_dir) or data_root / "ckpts"
+        problems += check_checkpoints(folder.resolve())
     for problem in problems:
         print(f"problem: {problem}", file=sys.stderr)
     if not problems:

@@ -1,8 +1,9 @@
 """A fake ``torch_npu`` for tests on machines without Ascend hardware (never install it).
 
 It provides the slice of torch_npu's device API the kit uses: ``torch.npu`` (is_available, device_count,
-set_device, current_device, synchronize, memory_stats, empty_cache, config.allow_internal_format,
-amp.GradScaler), ``torch_npu.npu`` (the same module) and ``torch_npu.optim.NpuFusedAdamW``. Calls are
+set_device, current_device, get_device_name, synchronize, memory_stats, empty_cache,
+config.allow_internal_format, amp.GradScaler), ``torch_npu.npu`` (the same module) and
+``torch_npu.optim.NpuFusedAdamW`` (with the real one's constraints, see optim.py). Calls are
 recorded in :data:`CALLS` so tests can assert what the kit asked for. Tensors stay on the CPU: pair it
 with ``bevkit.device.emulate_device('npu')``.
 
@@ -25,6 +26,15 @@ CALLS: List[Tuple[str, Any]] = []
 
 def _device_count() -> int:
     return int(os.environ.get("FAKE_NPU_COUNT", "8"))
+
+
+#: SoC name the fake reports (torch_npu.npu.get_device_name): an Atlas 800T A2 by default. mx_driving gates some
+#: kernels on it (mx_driving/ops/grid_sampler3d_v1.py, mx_driving/ops/sigmoid_focal_loss.py, 26.1.0).
+DEFAULT_SOC = "Ascend910B1"
+
+
+def _device_name(device=None) -> str:
+    return os.environ.get("FAKE_NPU_SOC", DEFAULT_SOC)
 
 
 class _Config:
@@ -51,6 +61,7 @@ npu.device_count = _device_count
 npu.set_device = _set_device
 npu.current_device = lambda: npu.current
 npu.synchronize = lambda *a: CALLS.append(("synchronize", a))
+npu.get_device_name = _device_name
 npu.memory_stats = lambda device=None: {"allocated_bytes.all.current": 0}
 npu.empty_cache = lambda: CALLS.append(("empty_cache", None))
 npu.config = _Config()

@@ -1,0 +1,5 @@
+import sys
+
+from bevkit.launch import main
+
+sys.exit(main())

@@ -1,0 +1,213 @@
+"""Carrying out a plan: the run folder, launch.json, torchrun with its output teed to train.log, then
+results.json (:mod:`bevkit.results`) and the final lines. Also the dry-run printout and the data check."""
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import List, Mapping, Sequence, Tuple
+
+from bevkit import __version__, log
+from bevkit.launch.plan import Plan
+from bevkit.launch.request import LaunchError
+from bevkit.registry import MODELS, ModelSpec
+
+LOG_FILE = "train.log"
+LAUNCH_FILE = "launch.json"
+
+
+# ----------------------------------------------------------------------------------------- output
+def render_command(plan: Plan) -> str:
+    """The launch as one copy-pasteable shell command (environment changes + torchrun argv)."""
+    parts = ["env"] + [f"-u {shlex.quote(k)}" for k in plan.env_unset]
+    parts += [f"{k}={shlex.quote(v)}" for k, v in plan.env_set.items()]
+    parts.append(" ".join(shlex.quote(a) for a in plan.argv))
+    return f"cd {shlex.quote(str(plan.cwd))} && " + " \\\n  ".join(parts)
+
+
+def print_dry_run(plan: Plan, out=None) -> None:
+    out = out or sys.stdout
+    w = lambda s="": print(s, file=out)
+    w("# bevkit launch --dry-run: nothing was created or started")
+    for note in plan.notes:
+        w(f"# {note}")
+    for warning in plan.warnings:
+        w(f"# WARNING (a real launch would refuse): {warning}")
+    w(f"# run folder (would be created): {plan.request.run_dir}")
+    if plan.cann_set_env:
+        w(f"# CANN environment from: {plan.cann_set_env}")
+    w(f"# environment: the current one plus these changes ({', '.join(plan.env_files) or 'no env file'})")
+    w(render_command(plan))
+
+
+def launch_record(plan: Plan, launcher_argv: Sequence[str]) -> dict:
+    r = plan.request
+    return {
+        "kit_version": __version__,
+        "launcher_argv": list(launcher_argv),
+        "command": plan.argv,
+        "cwd": str(plan.cwd),
+        "env_set": plan.env_set,
+        "env_unset": plan.env_unset,
+        "env_files": plan.env_files,
+        "cann_set_env": str(plan.cann_set_env) if plan.cann_set_env else None,
+        "hostname": socket.gethostname(),
+        "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "request": {"model": plan.spec.name, "mode": r.mode, "device": r.device, "data_root": str(r.data_root),
+                    "run_dir": str(r.run_dir), "nproc_per_node": r.nproc_per_node, "nnodes": r.nnodes,
+                    "node_rank": plan.node_rank, "master_addr": plan.master_addr, "launcher": plan.launcher,
+                    "master_port": plan.master_port, "config": str(r.config) if r.config else None,
+                    "checkpoint": str(r.checkpoint) if r.checkpoint else None, "max_steps": r.max_steps,
+                    "extra_args": list(r.extra_args), "batch_per_device": plan.batch_per_device,
+                    "warmup_steps": plan.warmup_steps, "flow": plan.launch.flow if plan.launch else None},
+        "notes": plan.notes,
+    }
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+
+# ------------------------------------------------------------------------------------------ checks
+def check_data(spec: ModelSpec, data_root: Path) -> Tuple[str, List[str]]:
+    """('ok'|'problems'|'unavailable ...', problems as printable lines) from bevkit.data.validate."""
+    if spec.name not in MODELS:
+        return f"unavailable (no validator for model {spec.name!r})", []
+    from bevkit.data import validate as validator  # numpy and the devkit: only when a launch checks data
+
+    try:
+        problems = validator.validate(spec.name, data_root)
+    except Exception as e:  # a validator bug must not look like bad data, nor be skipped silently
+        raise LaunchError(f"the data validator failed on {data_root}: {type(e).__name__}: {e} "
+                          "(--no-data-check skips it)") from e
+    lines = [f"{p.path}: {p.message}" + (f" -> fix: {p.fix}" if p.fix else "") for p in problems]
+    return "ok" if not lines else "problems", lines
+
+
+def refuse_bad_data(plan: Plan) -> None:
+    """The data check of a plan: a real launch refuses problems, a dry run lists them."""
+    state, problems = check_data(plan.spec, plan.request.data_root)
+    if problems:
+        message = (f"data root {plan.request.data_root} is not ready for {plan.spec.name}:\n  "
+                   + "\n  ".join(problems)
+                   + f"\n(check again: python -m bevkit.data.validate --model {plan.spec.name} "
+                     f"{plan.request.data_root})")
+        if plan.launch is None or not plan.launch.dry_run:
+            raise LaunchError(message)
+        plan.warnings.append(message)
+    elif state != "ok":
+        plan.notes.append(f"data check skipped: validator {state}")
+
+
+# --------------------------------------------------------------------------------------------- run
+def run_tee(argv: Sequence[str], env: Mapping[str, str], cwd: Path, log_path: Path, out=None) -> int:
+    """Run argv, streaming its combined output to ``out`` and to log_path; returns the exit code.
+
+    The child gets its own session so that a terminal Ctrl-C reaches it once, through us: SIGINT,
+    SIGTERM and SIGHUP are forwarded, and we keep reading until it has finished its own shutdown.
+    """
+    out = out if out is not None else sys.stdout.buffer
+    proc = subprocess.Popen(list(argv), cwd=str(cwd), env=dict(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def forward(signum, _frame):
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        try:
+            previous[sig] = signal.signal(sig, forward)
+        except (ValueError, OSError):  # not the main thread
+            pass
+    try:
+        with open(log_path, "ab") as log:
+            fd = proc.stdout.fileno()  # type: ignore[union-attr]
+            while True:
+                try:
+                    chunk = os.read(fd, 65536)  # chunks, not lines: progress bars use '\r'
+                except InterruptedError:
+                    continue
+                if not chunk:
+                    break
+                log.write(chunk)
+                log.flush()
+                try:
+                    out.write(chunk)
+                    out.flush()
+                except (BrokenPipeError, ValueError):
+                    pass  # our stdout went away (e.g. `| head`): keep logging to the file
+        rc = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 - rc if rc < 0 else rc  # killed by signal N -> 128+N, like a shell
+
+
+def finish(plan: Plan, exit_code: int, e2e_s: float, out=None) -> Path:
+    """Write results.json + the Ascend-style log from the run folder; print the final lines."""
+    from bevkit import provenance
+    from bevkit import results as res
+    from bevkit import visualize
+    from bevkit.timing import STEPS_FILE, read_steps
+
+    r = plan.request
+    records = read_steps(r.run_dir / STEPS_FILE)
+    metrics = res.read_metrics(r.run_dir)
+    pictures = visualize.after_run(r.run_dir, out=out)  # what the evaluation dumped, drawn (eval runs)
+    checkout = plan.cwd if plan.spec.upstream else None
+    results = res.build_results(
+        records=records, metrics=metrics, model=plan.spec.name, display_name=plan.spec.display_name,
+        mode=r.mode, device=r.device, nproc_per_node=r.nproc_per_node, nnodes=r.nnodes,
+        node_rank=plan.node_rank, batch_per_device=plan.batch_per_device, exit_code=exit_code,
+        e2e_duration_s=round(e2e_s, 3), warmup=plan.warmup_steps,
+        versions=provenance.collect_versions(plan.env),
+        upstream=provenance.upstream_info(plan.spec.upstream_name, checkout),
+        extra={"max_steps": r.max_steps, "run_dir": str(r.run_dir),
+               "flow": plan.launch.flow if plan.launch else None, "config": str(r.config) if r.config else None,
+               "checkpoint": str(r.checkpoint) if r.checkpoint else None,
+               "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "host": socket.gethostname(), "arch": platform.machine(),
+               "files": {"log": LOG_FILE, "launch": LAUNCH_FILE, "steps": STEPS_FILE if records else None,
+                         "metrics": res.METRICS_FILE if metrics else None,
+                         "pictures": [str(p.relative_to(r.run_dir)) for p in pictures] or None}})
+    path, _log, printed = res.write_results(r.run_dir, results)
+    out = out or sys.stdout
+    if exit_code == 0 and r.mode in ("full", "performance", "smoke", "demo") and not records and plan.node_rank == 0:
+        out.flush()
+        log.get().warning(f"no step records in {r.run_dir / STEPS_FILE}: the entry point did not use "
+                          "bevkit.timing, so no step time or FPS could be measured")
+    for line in printed:
+        print(line, file=out)
+    if exit_code != 0:
+        print(f"training exited with code {exit_code}; see {r.run_dir / LOG_FILE}", file=out)
+    print(f"results: {path}", file=out)
+    out.flush()
+    return path
+
+
+def execute(plan: Plan, launcher_argv: Sequence[str]) -> int:
+    """Run a plan whose run folder exists: launch.json, torchrun teed to train.log, results.json."""
+    from bevkit.results import atomic_write_json
+
+    atomic_write_json(plan.request.run_dir / LAUNCH_FILE, launch_record(plan, launcher_argv))
+    say = log.get()
+    for note in plan.notes:
+        say.info(note)
+    say.info(f"run folder: {plan.request.run_dir}")
+    say.info(f"command: {' '.join(shlex.quote(a) for a in plan.argv)}")
+    sys.stdout.flush()
+    start = time.monotonic()
+    try:
+        rc = run_tee(plan.argv, plan.env, plan.cwd, plan.request.run_dir / LOG_FILE)
+    except OSError as e:
+        print(f"error: could not start {plan.argv[0]}: {e}", file=sys.stderr)
+        rc = 127
+    finish(plan, rc, time.monotonic() - start)
+    return rc
