@@ -1,13 +1,21 @@
-"""Pretrained checkpoints: what a recipe loads, where the kit looks for it (one order), how it is verified.
+"""Checkpoints: what a recipe loads, where the kit looks for it (one order), how it is verified, and which
+places the kit trusts.
 
 Search order, for every model and tool: an explicit folder (an option such as ``--ckpt-dir`` or FB-OCC's
 ``--cfg-options ckpt_dir=DIR``), then ``$BEVKIT_CKPT_DIR``, then ``DATA_ROOT/ckpts``, then (files torchvision
 publishes) the torch hub cache. Files are verified by sha256: a full digest when one is known, the 8-digit
 prefix torchvision puts in its file names, or the digest recorded in the folder's ``SHA256SUMS`` the first
 time a file without a published checksum is verified.
+
+Trust (:func:`trusted_place`): ``torch.load`` of a file that does not load with ``weights_only=True`` unpickles
+arbitrary objects, i.e. can run code written into the file. The kit loads such a file only from a place you
+filled yourself: a run folder of the kit (a folder whose ``launch.json`` the launcher wrote), a checkpoint folder
+of the search order above (``$BEVKIT_CKPT_DIR``, ``DATA_ROOT/ckpts``), or anywhere with ``--trust-checkpoint``
+(``BEVKIT_TRUST_CHECKPOINT=1``). No torch here.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,3 +144,50 @@ def relative_to_folder(name: str) -> bool:
     an absolute path."""
     return not name.startswith(("torchvision://", "open-mmlab://", "http://", "https://")) and \
         not os.path.isabs(name)
+
+
+# ------------------------------------------------------------------------------------------------- trust
+RUN_RECORD = "launch.json"  # written by the launcher into every run folder
+
+
+def run_folder_of(path: PathLike) -> Optional[Path]:
+    """The kit run folder holding ``path`` (itself or a parent): a folder with the ``launch.json`` the launcher
+    wrote there (its recorded run_dir is that folder); None when there is none."""
+    start = Path(os.path.abspath(str(path)))
+    for folder in [start] + list(start.parents):
+        record = folder / RUN_RECORD
+        if not record.is_file():
+            continue
+        try:
+            recorded = json.loads(record.read_text(encoding="utf-8")).get("request", {}).get("run_dir")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if recorded and os.path.abspath(recorded) == str(folder):
+            return folder
+    return None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    for a in {os.path.abspath(str(path)), os.path.realpath(str(path))}:
+        for b in {os.path.abspath(str(folder)), os.path.realpath(str(folder))}:
+            if a == b or a.startswith(b.rstrip(os.sep) + os.sep):
+                return True
+    return False
+
+
+def trusted_place(path: PathLike, data_root: Optional[PathLike] = None, environ=None) -> Optional[str]:
+    """Why the kit may unpickle ``path`` in full (one phrase), or None when it is not in a trusted place:
+    ``BEVKIT_TRUST_CHECKPOINT=1`` (``--trust-checkpoint``), a kit run folder, or a checkpoint folder
+    (``$BEVKIT_CKPT_DIR``, ``DATA_ROOT/ckpts``; DATA_ROOT defaults to ``$BEVKIT_DATA_ROOT``)."""
+    if env.get("BEVKIT_TRUST_CHECKPOINT", environ) == "1":
+        return "--trust-checkpoint was given"
+    run = run_folder_of(path)
+    if run is not None:
+        return f"it is in the kit run folder {run}"
+    data_root = data_root or env.get("BEVKIT_DATA_ROOT", environ)
+    places = [Path(p) for p in (env.get("BEVKIT_CKPT_DIR", environ),) if p]
+    places += [Path(data_root) / "ckpts"] if data_root else []
+    for place in places:
+        if _inside(Path(path), place):
+            return f"it is in the checkpoint folder {place}"
+    return None

@@ -148,6 +148,22 @@ def _ddp_run_forward(original):
     return _run_ddp_forward
 
 
+def _torch_safe_load(original):
+    from bevkit.torch_load import TorchWithSafeLoad
+
+    return TorchWithSafeLoad(original)
+
+
+def _load_url(original):
+    from bevkit.torch_load import load_url
+
+    def weights_only_load_url(*args, **kwargs):
+        return load_url(*args, **kwargs)
+
+    weights_only_load_url.__bevkit_original__ = original
+    return weights_only_load_url
+
+
 PATCHES = PatchSet("common", [
     RuntimePatch(
         name="numpy-removed-aliases",
@@ -170,5 +186,18 @@ PATCHES = PatchSet("common", [
         why="mmcv 1.7 reads DDP's _use_replicated_tensor_module, which torch 2.13 no longer has (the DrivingSDK "
             "port replaces this method on torch 2.1 too): distributed evaluation (model(return_loss=False) under "
             "DDP) fails with AttributeError. Same behaviour, attribute read only when present."),
+    RuntimePatch(
+        name="mmcv-checkpoint-weights-only",
+        target="mmcv.runner.checkpoint:torch",
+        build=_torch_safe_load,
+        why="mmcv's checkpoint loader calls torch.load without weights_only (torch 2.1's default is False: a "
+            "file could run code): every checkpoint mmcv reads goes through bevkit.torch_load (weights_only "
+            "first; full unpickling only for files in trusted places)."),
+    RuntimePatch(
+        name="mmcv-model-zoo-weights-only",
+        target="mmcv.runner.checkpoint:load_url",
+        build=_load_url,
+        why="mmcv's http:// and torchvision:// weights come from torch.hub.load_state_dict_from_url, whose "
+            "weights_only defaults to False: load them with weights_only=True."),
 ])
 

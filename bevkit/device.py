@@ -209,6 +209,22 @@ class RunDevice:
 
             torch.npu.synchronize()  # type: ignore[attr-defined]
 
+    def rng_state(self):
+        """The device's own random generator state (this process's device), None for CPU memory (the CPU
+        generator is torch's default one)."""
+        if self.memory == "cpu":
+            return None
+        import torch
+
+        # torch.cuda / torch.npu (torch_npu.npu.get_rng_state: Ascend op-plugin docs, Random-Number-Generator.md)
+        return getattr(torch, self.memory).get_rng_state()
+
+    def set_rng_state(self, state) -> None:
+        if state is not None and self.memory != "cpu":
+            import torch
+
+            getattr(torch, self.memory).set_rng_state(state.cpu())
+
     def autocast(self, enabled: bool = True, dtype=None):
         """torch.autocast for this device; on CPU the upstream 'fp16' means bfloat16 (no fp16 CPU autocast)."""
         import torch

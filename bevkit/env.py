@@ -35,6 +35,12 @@ VARIABLES: Tuple[Var, ...] = (
     Var("BEVKIT_SAMPLES_PER_DEVICE", "launcher", "-", "batch per device, for the samples of each step record"),
     Var("BEVKIT_MAX_STEPS", "launcher", "- (performance runs: the model's step count)",
         "stop training after this many optimizer steps"),
+    Var("BEVKIT_CHECKPOINT", "launcher", "-",
+        "the checkpoint the launcher checked (--checkpoint, or the --resume run's): compared key by key with the "
+        "built model before it is used"),
+    Var("BEVKIT_TRUST_CHECKPOINT", "launcher / user", "-",
+        "1: load checkpoints that need full unpickling from anywhere (--trust-checkpoint); else only from run "
+        "folders, BEVKIT_CKPT_DIR and DATA_ROOT/ckpts"),
     Var("BEVKIT_WARMUP_STEPS", "user", "first 10% of the steps",
         "steps left out of the step-time statistics (also --warmup-steps)"),
     # --- launcher settings
@@ -56,7 +62,14 @@ VARIABLES: Tuple[Var, ...] = (
         "comma-separated runtime patch names to leave out (A/B measurements; both models)"),
     Var("BEVKIT_EMULATE_DEVICE", "user (tests)", "-",
         "treat CPU tensors as this device type (tests with the fake torch_npu / mx_driving)"),
-    Var("BEVKIT_WORKERS", "user", "the config's", "FB-OCC dataloader workers per process"),
+    Var("BEVKIT_NPU_OP_LIMITS", "user", "documented",
+        "mx_driving limits the NPU ops keep: documented (split/pad to DrivingSDK's documented limits) or port "
+        "(one call, no padding, as the DrivingSDK ports; compare with tools/npu_ab)"),
+    Var("BEVKIT_WORKERS", "user", "FB-OCC: the config's; BEVDepth training: 8 on NPU/CUDA, upstream's 4 on CPU",
+        "dataloader workers per process"),
+    Var("BEVKIT_JPEG_DRAFT", "user", "-",
+        "1: camera JPEGs decoded at the reduced DCT scale the resize needs (PIL draft mode; both models; faster, "
+        "changes the input pixels slightly, see bevdepth/README.md)"),
     Var("BEVKIT_CKPT_DIR", "user", "-",
         "pretrained checkpoints folder, searched first (then DATA_ROOT/ckpts, then the torch hub cache)"),
     Var("BEVKIT_PRETRAINED", "user", "-", "'none': BEVDepth trains its image backbone from scratch"),

@@ -45,7 +45,8 @@ class RuntimePatch:
 
     ``build(original) -> replacement``; ``check(original) -> bool`` optionally verifies the target is
     the code the patch was written for (e.g. a function still has the expected parameters).
-    ``devices`` limits the patch to runs on those device types.
+    ``devices`` limits the patch to runs on those device types; ``enabled() -> bool``, when given, makes the patch
+    opt-in (asked once, when the set is applied; e.g. an environment switch that is off by default).
     """
 
     name: str
@@ -54,6 +55,7 @@ class RuntimePatch:
     why: str
     devices: Tuple[str, ...] = DEVICES
     check: Optional[Callable[[Any], bool]] = None
+    enabled: Optional[Callable[[], bool]] = None
 
     def __post_init__(self):
         _split_target(self.target)
@@ -62,7 +64,7 @@ class RuntimePatch:
             raise ValueError(f"patch {self.name}: unknown devices {sorted(unknown)}")
 
     def applies_to(self, device: str) -> bool:
-        return device in self.devices
+        return device in self.devices and (self.enabled is None or bool(self.enabled()))
 
     def resolve(self) -> Tuple[Any, str, Any]:
         """(owner object, attribute name, original value); raises PatchTargetMissing."""
@@ -144,7 +146,8 @@ class PatchSet:
 
     def describe(self) -> List[Dict[str, str]]:
         return [{"set": self.name, "name": p.name, "target": p.target,
-                 "devices": ",".join(p.devices), "why": p.why} for p in self.patches]
+                 "devices": ",".join(p.devices) + (" (opt-in)" if p.enabled else ""), "why": p.why}
+                for p in self.patches]
 
 
 def load_patch_set(name: str) -> PatchSet:

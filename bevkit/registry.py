@@ -54,13 +54,34 @@ class LaunchRequest:
     nproc_per_node: int
     nnodes: int
     config: Optional[Path] = None          # model config (FB-OCC mmcv config; BEVDepth exp variant)
-    checkpoint: Optional[Path] = None      # eval: the weights to evaluate
+    checkpoint: Optional[Path] = None      # eval: the weights to evaluate; training: the weights to start from
+    resume: Optional[Path] = None          # training: the checkpoint to continue from (counters, optimizer, ...)
     max_steps: Optional[int] = None        # performance: stop after this many steps
     extra_args: Tuple[str, ...] = ()       # everything after '--' on the script's command line
 
     @property
     def world_size(self) -> int:
         return self.nproc_per_node * self.nnodes
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """What a model's checkpoints look like: the knowledge :mod:`bevkit.checkpoint_check` needs to tell a
+    model's checkpoint from another's, to find the newest resumable one in a run folder, and which keys may
+    differ from the built model (data only; no torch)."""
+
+    title: str                     # how messages name the model ('FB-OCC')
+    framework: str                 # container its training writes: 'mmcv' (meta, state_dict, optimizer) or 'lightning'
+    #: top-level modules of the state dict that every full checkpoint of the model has (after key_prefix)
+    modules: Tuple[str, ...]
+    optional_modules: Tuple[str, ...] = ()   # modules only some configs have
+    key_prefix: str = ""           # Lightning: the LightningModule attribute that holds the model ('model.')
+    #: fnmatch patterns of keys that may be missing from / extra in a checkpoint (the documented allow-list)
+    allow_missing: Tuple[str, ...] = ("*.num_batches_tracked",)
+    allow_unexpected: Tuple[str, ...] = ()
+    #: run folder -> its newest resumable checkpoint (None: it wrote none)
+    latest: Optional[Callable[[Path], Optional[Path]]] = None
+    files: str = ""                # what its checkpoints are called, for messages ('iter_N.pth of an FB-OCC run')
 
 
 @dataclass(frozen=True)
@@ -106,6 +127,8 @@ class ModelSpec:
     demo_data: Tuple[str, ...] = ()
     #: pretrained checkpoints the reference recipe loads: (bevkit.checkpoints.Checkpoint, what it is used as)
     checkpoints: Tuple[Tuple[Any, str], ...] = ()
+    #: what the model's own checkpoints look like (checks before eval / resume / --checkpoint; None: unchecked)
+    checkpoint_format: Optional[CheckpointFormat] = None
 
     @property
     def upstream_name(self) -> str:

@@ -235,6 +235,7 @@ class Results(MappingABC):
     upstream: Dict[str, Any]               # bevkit.provenance.upstream_info()
     per_step: Dict[str, List[Any]]         # step, time_s, loss arrays
     run: Dict[str, Any] = field(default_factory=dict)  # the launcher's facts: run_dir, max_steps, host, files
+    npu_op_limits: Optional[str] = None    # bevkit.op_limits policy of the run (documented / port)
     kit_version: str = __version__
     schema: int = SCHEMA_VERSION
 
@@ -254,7 +255,7 @@ class Results(MappingABC):
             "batch_per_device": self.batch_per_device, **self.stats, "metrics": dict(self.metrics),
             "exit_code": self.exit_code, "status": self.status, "e2e_duration_s": self.e2e_duration_s,
             "versions": dict(self.versions), "upstream": dict(self.upstream), "kit_version": self.kit_version,
-            "definitions": DEFINITIONS,
+            "npu_op_limits": self.npu_op_limits, "definitions": DEFINITIONS,
         }
         if self.nodes > 1 and self.node_rank != 0:
             out["note"] = ("steps.jsonl and metrics.json are written by global rank 0 (node 0); "
@@ -278,7 +279,7 @@ def build_results(*, records: Sequence[Mapping[str, Any]], metrics: Mapping[str,
                   node_rank: int = 0, batch_per_device: Optional[int] = None, exit_code: int = 0,
                   e2e_duration_s: Optional[float] = None, warmup: Optional[int] = None,
                   versions: Optional[Mapping[str, Any]] = None, upstream: Optional[Mapping[str, Any]] = None,
-                  extra: Optional[Mapping[str, Any]] = None) -> Results:
+                  extra: Optional[Mapping[str, Any]] = None, npu_op_limits: Optional[str] = None) -> Results:
     world_size = nproc_per_node * nnodes
     launcher_batch = batch_per_device * world_size if batch_per_device else None
     stats = summarize_steps(records, warmup=warmup, global_batch=launcher_batch)
@@ -291,7 +292,7 @@ def build_results(*, records: Sequence[Mapping[str, Any]], metrics: Mapping[str,
         versions=dict(versions) if versions is not None else collect_versions(), upstream=dict(upstream or {}),
         per_step={"step": [r.get("step") for r in records], "time_s": [r.get("time_s") for r in records],
                   "loss": [r.get("loss") for r in records]},
-        run=dict(extra or {}))
+        run=dict(extra or {}), npu_op_limits=npu_op_limits)
 
 
 def display_metrics(metrics: Mapping[str, Any], model: Optional[str] = None) -> List[Tuple[str, float]]:

@@ -14,6 +14,8 @@ Each model's ``runtime`` module holds one :class:`ModelRuntime` and exposes its 
    patches named in ``disable`` (default: ``BEVKIT_DISABLE_PATCHES=a,b``); an unknown name is refused;
 4. runs the model's finishing steps (:meth:`ModelRuntime.finish`: hooks registered, device settings).
 
+On NPU it logs the op-limit policy of :mod:`bevkit.op_limits` (``BEVKIT_NPU_OP_LIMITS``).
+
 It returns an :class:`Activation`: the applied patch names per set (a dict) and the device. Activating again
 in the same process returns the same Activation; asking for another device then is an error.
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
 
-from bevkit import env
+from bevkit import env, log, op_limits
 from bevkit.device import DEVICES, RunDevice, set_run_device
 from bevkit.patching import load_patch_set
 
@@ -76,6 +78,8 @@ class ModelRuntime:
             raise ValueError(f"BEVKIT_DISABLE_PATCHES / disable names unknown {self.model} patches {unknown}; "
                              f"list them with: python -m bevkit.patching list {' '.join(self.patch_sets)}")
         set_run_device(run)
+        if run.kind == "npu":  # the NPU backends' limit policy, said once per process (and a bad value refused)
+            log.get("ops").info(op_limits.describe())
         try:
             self.prepare(run, entry_file)
             applied: Dict[str, List[str]] = {}

@@ -67,6 +67,26 @@ def nusc(root):
     return nuscenes.NuScenes("v1.0-trainval", str(root), verbose=False)
 
 
+@pytest.fixture
+def fake_torch_npu(monkeypatch):
+    """The fake torch_npu (test/fakes) imported in this process for one test; torch.npu is removed afterwards
+    when the test started without it, so other tests see a plain CPU torch."""
+    import importlib.util
+
+    import torch
+
+    fakes = Path(__file__).parent / "fakes"
+    spec = importlib.util.spec_from_file_location("torch_npu", fakes / "torch_npu" / "__init__.py",
+                                                  submodule_search_locations=[str(fakes / "torch_npu")])
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "torch_npu", mod)
+    had_npu = hasattr(torch, "npu")
+    spec.loader.exec_module(mod)
+    if not had_npu:
+        monkeypatch.delattr(torch, "npu", raising=False)
+    return mod
+
+
 # ------------------------------------------------------------------------------------------------ CI policy
 #: Set by .ci/run. In CI only tests marked ``hardware`` (they need a CUDA GPU or an Ascend NPU, or need none)
 #: may skip; any other skip means something CI must check was not checked (an upstream missing, a package

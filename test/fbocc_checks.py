@@ -355,6 +355,194 @@ def conv3d_shortcut():
     return {"max_abs_err": worst, "class": type(ours).__name__, "stride_conv_calls": 0}
 
 
+def _grads(torch, out, inputs, seed=0):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return torch.autograd.grad(out, inputs, g)
+
+
+@check
+def resnet_blocks_add_relu():
+    """The fused add+relu ResNet block forwards (2-D mmdet blocks, 3-D FB-BEV blocks) against upstream's, float64
+    on CPU (bevkit.ops.add_relu is relu(x + y) there): outputs and gradients, with and without with_cp."""
+    import torch
+    import torch.nn as nn
+
+    activated()
+    from mmdet.models.backbones.resnet import BasicBlock, Bottleneck
+    from mmdet3d.models.fbbev.modules import resnet3d
+
+    from bevkit.models.fbocc.patches import speed
+
+    torch.manual_seed(0)
+    worst, cases = 0.0, []
+
+    def compare(name, block, upstream_forward, ours_forward, x):
+        block = block.double()
+        for p in block.parameters():
+            p.data.normal_(0, 0.2)
+        out = []
+        for fwd in (upstream_forward, ours_forward):
+            leaf = x.clone().requires_grad_(True)
+            block.zero_grad()
+            y = fwd(block, leaf)
+            y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype))
+            out.append((y.detach(), [leaf.grad] + [p.grad.clone() for p in block.parameters()]))
+        (y_ref, g_ref), (y_ours, g_ours) = out
+        nonlocal worst
+        worst = max([worst, float((y_ref - y_ours).abs().max())] +
+                    [float((a - b).abs().max()) for a, b in zip(g_ref, g_ours)])
+        cases.append(name)
+
+    for with_cp in (False, True):
+        down = nn.Sequential(nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32))
+        compare(f"2d-basic-cp{with_cp}", BasicBlock(16, 32, stride=2, downsample=down, with_cp=with_cp),
+                BasicBlock.forward, speed._basic_block_forward(BasicBlock.forward), torch.randn(2, 16, 12, 10).double())
+        down = nn.Sequential(nn.Conv2d(16, 64, 1, stride=1, bias=False), nn.BatchNorm2d(64))
+        compare(f"2d-bottleneck-cp{with_cp}", Bottleneck(16, 16, downsample=down, with_cp=with_cp),
+                Bottleneck.forward, speed._bottleneck_forward(Bottleneck.forward), torch.randn(2, 16, 9, 7).double())
+    norm = dict(type='BN3d', requires_grad=True)
+    down = nn.Sequential(nn.Conv3d(8, 16, 1, stride=2), nn.BatchNorm3d(16))
+    compare("3d-basic", resnet3d.BasicBlock(8, 16, stride=2, downsample=down, norm_cfg=norm),
+            resnet3d.BasicBlock.forward, speed._basic_block3d_forward(resnet3d.BasicBlock.forward),
+            torch.randn(2, 8, 10, 10, 4).double())
+    down = nn.Sequential(nn.Conv3d(8, 32, 1), nn.BatchNorm3d(32))
+    compare("3d-bottleneck", resnet3d.Bottleneck(8, 8, downsample=down, norm_cfg=norm),
+            resnet3d.Bottleneck.forward, speed._bottleneck3d_forward(resnet3d.Bottleneck.forward),
+            torch.randn(2, 8, 6, 6, 4).double())
+    pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+    x = torch.randn(2, 64, 33, 40, dtype=torch.float64)
+    ref = pool(x)
+    pool.__class__ = speed._stem_max_pool_cls()
+    return {"max_abs_err": worst, "cases": cases, "stem_pool_equal": bool(torch.equal(pool(x), ref))}
+
+
+@check
+def trilinear_axes():
+    """Trilinear resizing on reversed axes against F.interpolate, float64, at FB-OCC's shapes (FPN3D: 25x25x2 ->
+    50x50x4; occupancy head: 50x50x4 -> 200x200x16), values and input gradients; and the module proxy routes
+    FPN3D's and OccHead's call forms to it."""
+    import torch
+    import torch.nn.functional as F
+
+    activated()
+    from bevkit.models.fbocc.patches import speed
+
+    out = {}
+    gen = torch.Generator().manual_seed(3)
+    for name, shape, size in (("fpn3d", (1, 4, 25, 25, 2), [50, 50, 4]), ("occ_head", (1, 3, 50, 50, 4),
+                                                                          [200, 200, 16])):
+        x = torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+        ref = F.interpolate(x, size=size, mode='trilinear', align_corners=False)
+        ours = speed.interpolate_axes_reversed(F.interpolate, x, size)
+        proxy = speed._FunctionalTrilinearReversed(F)
+        routed = (proxy.interpolate(x, size=size, align_corners=False, mode='trilinear'),  # FPN3D's form
+                  proxy.interpolate(x, size=size, mode='trilinear', align_corners=False))  # OccHead's form
+        g_ref, = _grads(torch, ref, [x])
+        g_ours, = _grads(torch, ours, [x])
+        ratio = max(s // d for s, d in zip(size, shape[2:]))
+        out[name] = {"max_abs_err": float((ours - ref).abs().max()), "x_max": float(x.detach().abs().max()),
+                     "grad_max_abs_err": float((g_ours - g_ref).abs().max()),
+                     "grad_terms": 8 * ratio ** 3, "grad_out_max": 1.0 * 5,  # |g| of a standard normal < 5
+                     "routed_equal": all(bool(torch.equal(r, ours)) for r in routed),
+                     "scale_factor_not_routed": bool(torch.equal(
+                         proxy.interpolate(x, scale_factor=2, mode='trilinear', align_corners=False),
+                         F.interpolate(x, scale_factor=2, mode='trilinear', align_corners=False)))}
+    return out
+
+
+@check
+def masked_select_indexing():
+    """voxel_pooling_prepare_v2 (float64) and the depth loss (float32, as upstream computes it) with boolean-mask
+    indexing as masked_select: the same
+    tensors bit for bit, the same gradients; and masked_select really ran."""
+    import torch
+
+    activated()
+    from mmdet3d.models.fbbev.modules.depth_net import CM_DepthNet
+    from mmdet3d.models.fbbev.view_transformation.forward_projection.view_transformer import \
+        LSSViewTransformerFunction3D
+
+    from bevkit.models.fbocc.patches import speed
+
+    vt = view_transformer(torch)
+    params = camera_params(1, vt.input_size, torch.Generator().manual_seed(4), torch)
+    coor = LSSViewTransformerFunction3D.get_lidar_coor(vt, *params)
+    prepare = LSSViewTransformerFunction3D.voxel_pooling_prepare_v2
+    calls = []
+    real = torch.masked_select
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].dim())
+        return real(*args, **kwargs)
+
+    ref = prepare(vt, coor)
+    torch.masked_select = counting
+    try:
+        ours = speed._masked_select_indexing(prepare)(vt, coor)
+        net = CM_DepthNet.__new__(CM_DepthNet)
+        net.downsample, net.sid, net.D, net.depth_channels, net.loss_depth_weight = 16, False, 80, 80, 3.0
+        net.grid_config = {'depth': [2.0, 42.0, 0.5]}
+        gen = torch.Generator().manual_seed(5)
+        labels = torch.zeros(1, 6, 256, 704)  # float32: upstream's label one-hot is .float()
+        sel = torch.rand(labels.shape, generator=gen) < 0.05
+        labels[sel] = 2 + 38 * torch.rand(int(sel.sum()), generator=gen)
+        preds = torch.softmax(torch.randn(1, 6, 80, 16, 44, generator=gen), 2)
+        losses = []
+        for fn in (CM_DepthNet.get_depth_loss, speed._masked_select_indexing(CM_DepthNet.get_depth_loss)):
+            p = preds.clone().requires_grad_(True)
+            loss = fn(net, labels, p)['loss_depth']
+            losses.append((loss.detach(), torch.autograd.grad(loss, p)[0]))
+    finally:
+        torch.masked_select = real
+    return {"prepare_equal": all(torch.equal(a, b) for a, b in zip(ref, ours)), "kept": int(ref[0].numel()),
+            "points": int(coor[..., 0].numel()), "masked_select_dims": sorted(set(calls)), "calls": len(calls),
+            "depth_loss_equal": bool(torch.equal(losses[0][0], losses[1][0])),
+            "depth_grad_equal": bool(torch.equal(losses[0][1], losses[1][1])), "depth_loss": float(losses[0][0])}
+
+
+@check
+def batch_matmul_view_transform():
+    """The rank <= 6 rewrites with their matrix-times-vector products as multiply-and-sum (what
+    mx_driving.npu_batch_matmul computes) against upstream's rank-7 matmuls, float64."""
+    import torch
+
+    activated()
+    from mmdet3d.models.fbbev.view_transformation.backward_projection.bevformer_utils.bevformer_encoder import \
+        bevformer_encoder
+    from mmdet3d.models.fbbev.view_transformation.forward_projection.view_transformer import \
+        LSSViewTransformerFunction3D
+
+    from bevkit.models.fbocc.patches import npu
+
+    def mul_sum(mat, vec):  # docs/zh/api/context/npu_batch_matmul.md: broadcast product, sum over the last dim
+        return (mat * vec.transpose(-1, -2)).sum(-1, keepdim=True)
+
+    vt = view_transformer(torch)
+    gen = torch.Generator().manual_seed(6)
+    params = camera_params(2, vt.input_size, gen, torch)
+    ref = LSSViewTransformerFunction3D.get_lidar_coor(vt, *params)
+    enc = bevformer_encoder.__new__(bevformer_encoder)
+    torch.nn.Module.__init__(enc)
+    enc.x_bound, enc.y_bound, enc.z_bound = [-40, 40, 0.8], [-40, 40, 0.8], [-1, 5.4, 1.6]
+    enc.final_dim, enc.pc_range, enc.fp16_enabled = (256, 704), [-40, -40, -1.0, 40, 40, 5.4], False
+    ref3d = bevformer_encoder.get_reference_points(enc, 100, 100, dim='3d', device='cpu', dtype=torch.float64)
+    ps_ref = bevformer_encoder.point_sampling(enc, ref3d.clone(), enc.pc_range, None, cam_params=params)
+    saved = npu.matvec
+    npu.matvec = mul_sum
+    try:
+        got = npu.lidar_coor_rank6(vt, *params)
+        ps = npu.point_sampling_rank6(enc, ref3d.clone(), enc.pc_range, None, cam_params=params)
+    finally:
+        npu.matvec = saved
+    # largest term of the sums: pixel coordinates times depth (the frustum) before the camera matrices
+    frustum = float(vt.frustum.abs().max()) * float(vt.frustum[..., 2].abs().max())
+    return {"lidar_max_abs_err_m": float((got - ref).abs().max()), "term_magnitude": frustum,
+            "lidar_max_m": float(ref.abs().max()),
+            "point_sampling_rel_err": [float((a - b).abs().max() / b.abs().max())
+                                       for a, b in zip(ps, ps_ref) if a.dtype != torch.bool],
+            "mask_mismatches": int((ps[2] != ps_ref[2]).sum())}
+
+
 def _build_tiny(torch, config="fbocc/configs/fbocc_tiny_smoke.py"):
     from mmcv import Config
     from mmdet3d.models import build_model
@@ -559,14 +747,36 @@ def fake_npu_step():
     model.do_history = True
     model.history_bev = None
     mx_driving.reset()
-    # one step with temporal fusion on (the history starts as copies of the current frame and is warped)
-    losses = model.forward_train(**synthetic_batch(cfg, torch, seed=0, start=True))
-    sum(losses.values()).backward()
+    from bevkit.models.fbocc.patches import speed
+
+    counts = {"masked_select": 0, "trilinear_reversed": 0}
+    real_select, real_trilinear = torch.masked_select, speed.interpolate_axes_reversed
+
+    def select(*args, **kwargs):
+        counts["masked_select"] += 1
+        return real_select(*args, **kwargs)
+
+    def trilinear(*args, **kwargs):
+        counts["trilinear_reversed"] += 1
+        return real_trilinear(*args, **kwargs)
+
+    torch.masked_select, speed.interpolate_axes_reversed = select, trilinear
+    try:
+        # one step with temporal fusion on (the history starts as copies of the current frame and is warped)
+        losses = model.forward_train(**synthetic_batch(cfg, torch, seed=0, start=True))
+        sum(losses.values()).backward()
+        train_ops = sorted({name for name, _ in mx_driving.CALLS})
+        with torch.no_grad():  # evaluation: the stem max-pool needs no gradient and goes to npu_max_pool2d
+            model.img_backbone(torch.randn(1, 3, *cfg.data_config['input_size']))
+    finally:
+        torch.masked_select, speed.interpolate_axes_reversed = real_select, real_trilinear
     results = [{k: float(v) for k, v in losses.items()}]
     convs = [type(m).__name__ for m in model.img_bev_encoder_backbone.modules()
              if type(m).__name__ == "StridedPointwiseConv3d"]
     ops_called = sorted({name for name, _ in mx_driving.CALLS})
-    return {"applied": applied, "losses": results, "ops_called": ops_called, "strided_convs": len(convs),
+    return {"applied": applied, "losses": results, "ops_called": ops_called, "train_ops": train_ops,
+            "strided_convs": len(convs), "stem_pool": type(model.img_backbone.maxpool).__name__,
+            "add_relu_calls": len(mx_driving.calls("npu_add_relu")), "counts": counts,
             "finite": all(math.isfinite(v) for r in results for v in r.values())}
 
 

@@ -196,7 +196,7 @@ with emulate_device("npu"):
     model = tiny["BEVDepthLightningModel"](data_root="unused", default_root_dir=OUT, gpus=8,
                                            batch_size_per_device=1)
     import bevdepth.layers.backbones.base_lss_fpn as lss
-    geometry_is_ours = lss.BaseLSSFPN.get_geometry.__module__ == "bevkit.models.bevdepth.patches"
+    geometry_is_ours = lss.BaseLSSFPN.get_geometry.__module__ == "bevkit.models.bevdepth.speed"
     b, n = 1, 6
     h, w = tiny["FINAL_DIM"]
     imgs = torch.rand(b, 2, n, 3, h, w)
@@ -210,13 +210,16 @@ with emulate_device("npu"):
     model.train()
     loss = model.training_step((imgs, mats, None, None, boxes, labels, depth))
     loss.backward()
+    inds = model.model.get_targets(boxes, labels)[2]
+    from bevkit.models.bevdepth.speed import train_workers
     [[opt], [sched]] = model.configure_optimizers()
     opt.step()
     print("RESULT " + json.dumps(dict(
         loss=float(loss), applied=PATCHES.applied, geometry_is_ours=geometry_is_ours,
         optimizer=type(opt).__module__ + "." + type(opt).__name__, weight_decay=opt.defaults["weight_decay"],
         lr=opt.defaults["lr"], voxel_calls=mx_driving.calls("npu_voxel_pooling_train"),
-        internal_format=torch.npu.config.allow_internal_format)))
+        internal_format=torch.npu.config.allow_internal_format, inds_dtypes=sorted({str(i.dtype) for i in inds}),
+        workers=train_workers())))
 '''
 
 
@@ -224,7 +227,8 @@ with emulate_device("npu"):
 def test_tiny_training_step_on_fake_npu(bevdepth_checkout, tmp_path):
     """A training step of the tiny variant with NPU patches, NPU tensors emulated on the CPU: voxel pooling
     reaches mx_driving within its documented contract, the optimizer is torch_npu's fused AdamW with
-    upstream's hyperparameters, the loss is finite."""
+    upstream's hyperparameters, the loss is finite; the speed techniques are applied (multiply-and-sum geometry,
+    int32 target indices, 8 loader workers, no lidar reading), the opt-in JPEG draft is not."""
     import json
     import os
     import subprocess
@@ -241,8 +245,17 @@ def test_tiny_training_step_on_fake_npu(bevdepth_checkout, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert result["loss"] == result["loss"] and abs(result["loss"]) < 1e6
-    assert {"get_geometry_rank4", "dcn_portable", "voxel_num_device", "head_targets_device"} <= set(result["applied"])
+    assert {"get_geometry_mul_sum", "dcn_portable", "voxel_num_device", "head_targets_device", "head_targets_int32",
+            "train_loader_workers", "no_lidar_read"} <= set(result["applied"])
+    assert "jpeg_draft" not in result["applied"]  # opt-in
     assert result["geometry_is_ours"]
+    try:  # the port's int32 indices where the emulating CPU gathers int32 (torch >= 2.2; 2.1 takes only int64)
+        torch.zeros(2).gather(0, torch.zeros(1, dtype=torch.int32))
+        expected = "torch.int32"
+    except RuntimeError:
+        expected = "torch.int64"
+    assert result["inds_dtypes"] == [expected]
+    assert result["workers"] == 8
     assert result["optimizer"].endswith("NpuFusedAdamW") and result["weight_decay"] == 1e-7
     assert result["lr"] == pytest.approx(2.5e-4 * 1 * 8)  # tiny variant's lr per image x batch x world size
     calls = result["voxel_calls"]

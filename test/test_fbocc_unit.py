@@ -358,3 +358,52 @@ def test_demo_trains_the_demo_config_with_its_own_batch(tmp_path):
         expected = fbocc._samples_per_gpu(demo)
     assert spec.batch_per_device(_request("demo", tmp_path)) == expected
     assert spec.smoke_eval_checkpoint == "latest.pth" and spec.pictures and spec.gates()["demo"]["checks"]
+def test_adamw_foreach_is_set_and_updates_bit_identically():
+    """The port's AdamW(foreach=True): set by finalize unless the config says otherwise; the multi-tensor update is
+    the same arithmetic as the per-tensor loop (float64 and float32 parameters, five steps: equal bit for bit)."""
+    mmcv = pytest.importorskip("mmcv")
+    import torch
+
+    from bevkit.models.fbocc.config import foreach_optimizer
+
+    cfg = mmcv.Config(dict(optimizer=dict(type="AdamW", lr=2e-4, weight_decay=1e-2)))
+    assert foreach_optimizer(cfg) and cfg.optimizer.foreach is True
+    mine = mmcv.Config(dict(optimizer=dict(type="AdamW", lr=2e-4, foreach=False)))
+    assert not foreach_optimizer(mine) and mine.optimizer.foreach is False
+    assert not foreach_optimizer(mmcv.Config(dict(optimizer=dict(type="SGD", lr=0.1))))
+    for dtype in (torch.float64, torch.float32):
+        gen = torch.Generator().manual_seed(0)
+        start = [torch.randn(40, 30, generator=gen, dtype=dtype) for _ in range(3)]
+        grads = [[torch.randn(40, 30, generator=gen, dtype=dtype) for _ in range(3)] for _ in range(5)]
+        final = []
+        for foreach in (False, True):
+            params = [p.clone().requires_grad_() for p in start]
+            opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=1e-2, foreach=foreach)
+            for step in grads:
+                for p, g in zip(params, step):
+                    p.grad = g.clone()
+                opt.step()
+            final.append(params)
+        assert all(torch.equal(a, b) for a, b in zip(*final))
+
+
+def test_pinned_loader_memory_on_accelerators_only():
+    """fbocc-pin-memory: FB-BEV's build_dataloader (pin_memory=False) pins on NPU and CUDA memory, not on CPU
+    memory (CPU runs, emulated devices)."""
+    pytest.importorskip("torch")
+    from bevkit.device import RunDevice, set_run_device
+    from bevkit.models.fbocc.patches.speed import _pinned_dataloader, loader_pinning
+
+    assert loader_pinning(RunDevice("npu")) == {"pin_memory": True, "pin_memory_device": "npu"}
+    assert loader_pinning(RunDevice("cuda")) == {"pin_memory": True, "pin_memory_device": ""}
+    assert loader_pinning(RunDevice("cpu")) == {} == loader_pinning(RunDevice("npu", emulated=True))
+    seen = []
+    loader = _pinned_dataloader(lambda *args, **kwargs: seen.append(kwargs) or "loader")
+    try:
+        set_run_device(RunDevice("npu"))
+        assert loader("dataset", batch_size=1, pin_memory=False) == "loader"
+        set_run_device(RunDevice("npu", emulated=True))
+        loader("dataset", pin_memory=False)
+    finally:
+        set_run_device(None)
+    assert seen == [dict(batch_size=1, pin_memory=True, pin_memory_device="npu"), dict(pin_memory=False)]

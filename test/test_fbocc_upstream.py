@@ -20,7 +20,8 @@ PIN = "6e25469256d98e7fcb52cc43efe812dc2fd2b446"
 
 FAST_CHECKS = ["imports", "lidar_coor_rank6", "cam2ego_coor_rank6", "point_sampling_rank6",
                "da_msda_depth_weighting", "focal_loss_op", "occ_loss_nan", "conv3d_shortcut",
-               "model_forward_ops_parity"]
+               "model_forward_ops_parity", "resnet_blocks_add_relu", "trilinear_axes", "masked_select_indexing",
+               "batch_matmul_view_transform"]
 
 
 def run_checks(fbbev: Path, names, tmp_path: Path, timeout: int = 900, **extra_env) -> dict:
@@ -69,6 +70,8 @@ def test_upstream_imports_on_cpu_after_activation(checks):
     fbocc = set(f["applied"]["fbocc"])
     assert {"fbocc-bev-pool-v2", "fbocc-da-msda", "fbocc-focal-loss-init", "fbocc-model-placement"} <= fbocc
     assert not any(name.endswith("rank6") for name in fbocc), "NPU-only rewrites must not apply on CPU"
+    assert not {"fbocc-resnet-add-relu", "fbocc-npu-batch-matmul", "fbocc-masked-select-prepare",
+                "fbocc-fpn3d-trilinear-axes", "fbocc-pin-memory", "fbocc-jpeg-draft"} & fbocc  # NPU / CUDA / opt-in
 
 
 def test_lidar_coor_rank6_parity(checks):
@@ -158,3 +161,47 @@ def test_fake_npu_step(fbbev_checkout, tmp_path):
         set(f["applied"]["fbocc"])
     assert f["strided_convs"] == 2  # the two stride-2 shortcut convs of the 3-D ResNet
     assert {"bev_pool_v3", "multi_scale_deformable_attn", "grid_sampler3d_v1"} <= set(f["ops_called"]), f
+    # the DrivingSDK port's speed techniques, applied on the (emulated) NPU
+    speed = {"fbocc-npu-batch-matmul", "fbocc-resnet-add-relu", "fbocc-resnet-stem-maxpool", "fbocc-resnet3d-add-relu",
+             "fbocc-fpn3d-trilinear-axes", "fbocc-occ-head-trilinear-axes", "fbocc-masked-select-prepare",
+             "fbocc-masked-select-depth-loss", "fbocc-pin-memory"}
+    assert speed <= set(f["applied"]["fbocc"]), f["applied"]
+    assert "fbocc-jpeg-draft" not in f["applied"]["fbocc"]  # opt-in
+    assert {"npu_add_relu", "npu_batch_matmul"} <= set(f["train_ops"]), f
+    assert "npu_max_pool2d" not in f["train_ops"] and "npu_max_pool2d" in f["ops_called"]  # no backward: eval only
+    assert f["stem_pool"] == "StemMaxPool2d"
+    assert f["add_relu_calls"] >= 8 + 8  # ResNet-18 (8 blocks) forward + 3-D blocks; the eval forward adds 8
+    assert f["counts"]["masked_select"] >= 3 and f["counts"]["trilinear_reversed"] >= 2, f["counts"]
+
+
+def test_resnet_blocks_with_fused_add_relu_are_upstreams(checks):
+    f = facts(checks, "resnet_blocks_add_relu")
+    assert len(f["cases"]) == 6 and f["stem_pool_equal"]
+    assert f["max_abs_err"] == 0.0, f  # relu(x + y) in both: the same two roundings, values and gradients
+
+
+def test_trilinear_on_reversed_axes(checks):
+    f = facts(checks, "trilinear_axes")
+    for name, r in f.items():
+        # float64, each output a sum of 8 weighted taps summed in another order (weights >= 0, summing to 1);
+        # each input gradient a sum of at most 8 * ratio^3 weighted output gradients.
+        assert r["max_abs_err"] <= sum_atol(torch.float64, 8, r["x_max"]), (name, r)
+        assert r["grad_max_abs_err"] <= sum_atol(torch.float64, r["grad_terms"], r["grad_out_max"]), (name, r)
+        assert r["routed_equal"] and r["scale_factor_not_routed"], (name, r)
+
+
+def test_masked_select_indexing_is_bit_identical(checks):
+    f = facts(checks, "masked_select_indexing")
+    assert f["prepare_equal"] and 0 < f["kept"] < f["points"]  # some points outside the grid: a real selection
+    assert f["masked_select_dims"] == [1, 2] and f["calls"] >= 5  # 1-D ranks and 2-D coordinate rows, depth loss
+    assert f["depth_loss_equal"] and f["depth_grad_equal"] and f["depth_loss"] > 0
+
+
+def test_batch_matmul_as_multiply_and_sum(checks):
+    f = facts(checks, "batch_matmul_view_transform")
+    # float64; three chained 3-term sums. get_lidar_coor: terms at most the frustum's pixel x depth products.
+    # point_sampling: relative to each output's largest value (the perspective divide by max(z, 1e-5) makes
+    # the absolute values of points behind the cameras huge).
+    assert f["lidar_max_abs_err_m"] <= 3 * sum_atol(torch.float64, 3, f["term_magnitude"]), f
+    assert max(f["point_sampling_rel_err"]) <= 3 * sum_atol(torch.float64, 3, 1.0), f
+    assert f["mask_mismatches"] == 0

@@ -63,7 +63,7 @@ def bevkit_env(stub, plan, mode, device, batch=4, max_steps=None):
 
 def torchrun(nnodes, nproc, node_rank, addr, port):
     return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
-            f"--node_rank={node_rank}", f"--master_addr={addr}", f"--master_port={port}"]
+            f"--node_rank={node_rank}", f"--master_addr={addr}", f"--master_port={port}", "-m", "bevkit.launch.worker"]
 
 
 NPU_SETTINGS = {"ASCEND_SLOG_PRINT_TO_STDOUT": "0", "ASCEND_GLOBAL_LOG_LEVEL": "3",
@@ -131,7 +131,7 @@ def test_npu_two_nodes_of_8(stub, cann):
     # environment variables work like OpenMMLab's dist_train.sh
     env2 = dict(environ, NNODES="2", NODE_RANK="0", MASTER_ADDR="10.0.0.1", MASTER_PORT="29700")
     plan2 = plan_for(stub, "--mode", "performance", "--device", "npu", environ=env2)
-    assert plan2.argv[:8] == torchrun(2, 8, 0, "10.0.0.1", 29700)
+    assert plan2.argv[:10] == torchrun(2, 8, 0, "10.0.0.1", 29700)
 
 
 def test_multi_node_needs_master_addr_and_valid_rank(stub):
@@ -229,7 +229,7 @@ def test_dry_run_prints_command_and_creates_nothing(stub, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "torch.distributed.run --nnodes=1 --nproc_per_node=2 --node_rank=0" in out
-    assert "--master_port=29614 tools/train.py" in out and out.rstrip().endswith("--seed 0")
+    assert "--master_port=29614 -m bevkit.launch.worker tools/train.py" in out and out.rstrip().endswith("--seed 0")
     assert "BEVKIT_MODE=full" in out and f"cd {stub.checkout}" in out
     assert not stub.work.exists()
 
@@ -314,8 +314,8 @@ def test_plan_is_pure_given_the_machine(stub, monkeypatch, tmp_path):
     request = launch.parse(["--model", "stubnet", "--mode", "performance", "--data-root", str(stub.data),
                             "--work-dir", str(stub.work), "--nproc", "2", "--", "--x", "1"])
     plan = launch.plan(request, machine)
-    assert plan.argv[:8] == torchrun(2, 2, 1, "10.0.0.9", 29500)  # the environment's cluster shape
-    assert plan.argv[8:] == ["tools/train.py", str(REPO_ROOT / "configs/env/cpu.env"), "--launcher", "pytorch",
+    assert plan.argv[:10] == torchrun(2, 2, 1, "10.0.0.9", 29500)  # the environment's cluster shape
+    assert plan.argv[10:] == ["tools/train.py", str(REPO_ROOT / "configs/env/cpu.env"), "--launcher", "pytorch",
                              "--x", "1"]
     assert plan.env_set["OMP_NUM_THREADS"] == "2" and plan.request.max_steps == launch.DEFAULT_PERFORMANCE_STEPS
     assert plan.launch is request and plan.batch_per_device == 4 and not stub.work.exists()

@@ -58,19 +58,19 @@ def test_two_nodes_of_8_from_slurm_dry_run(stub):  # noqa: F811
     plans = [plan_for(stub, "--mode", "full", "--device", "cpu", environ=dict(BASE_ENV, **srun_env(node)))
              for node in (0, 1)]
     for node, plan in enumerate(plans):  # detected without --launcher: the same command, only the rank differs
-        assert plan.argv[:8] == torchrun(2, 8, node, "gpu-a01", port)
+        assert plan.argv[:10] == torchrun(2, 8, node, "gpu-a01", port)
         assert plan.launcher == "slurm" and plan.request.world_size == 16
         assert plan.request.run_dir.name.endswith(f"-node{node}")
         assert any("slurm: job 4711, node %d of 2" % node in n and "gpu-a01" in n for n in plan.notes)
-    assert plans[0].argv[8:] == plans[1].argv[8:]
+    assert plans[0].argv[10:] == plans[1].argv[10:]
     # options win over Slurm; MASTER_PORT over the job's port; Slurm wins over NNODES / NODE_RANK
     env = dict(BASE_ENV, NNODES="4", NODE_RANK="3", MASTER_PORT="29999", **srun_env(1))
     plan = plan_for(stub, "--mode", "full", "--device", "cpu", "--master-addr", "10.0.0.5", environ=env)
-    assert plan.argv[:8] == torchrun(2, 8, 1, "10.0.0.5", 29999)
+    assert plan.argv[:10] == torchrun(2, 8, 1, "10.0.0.5", 29999)
     # --launcher local ignores the Slurm job
     local = plan_for(stub, "--mode", "full", "--device", "cpu", "--launcher", "local",
                      environ=dict(BASE_ENV, **srun_env(0)))
-    assert local.launcher == "local" and local.argv[:8] == torchrun(1, 8, 0, "127.0.0.1", local.master_port)
+    assert local.launcher == "local" and local.argv[:10] == torchrun(1, 8, 0, "127.0.0.1", local.master_port)
 
 
 def test_slurm_plan_is_pure(stub, monkeypatch):  # noqa: F811
@@ -86,7 +86,7 @@ def test_slurm_plan_is_pure(stub, monkeypatch):  # noqa: F811
     request = launch.parse(["--model", "stubnet", "--mode", "full", "--data-root", str(stub.data),
                             "--work-dir", str(stub.work), "--nproc", "2"])
     plan = launch.plan(request, machine)
-    assert plan.argv[:8] == torchrun(2, 2, 1, "n3", slurm.PORT_BASE + 4711) and not stub.work.exists()
+    assert plan.argv[:10] == torchrun(2, 2, 1, "n3", slurm.PORT_BASE + 4711) and not stub.work.exists()
 
 
 def test_slurm_refusals_name_the_fix(stub):  # noqa: F811
@@ -108,7 +108,7 @@ def test_slurm_refusals_name_the_fix(stub):  # noqa: F811
     # a one-node batch script may launch directly
     single = {k: v for k, v in srun_env(0, nodes=1, nodelist="n7").items() if not k.startswith("SLURM_STEP")}
     plan = plan_for(stub, "--mode", "full", "--device", "cpu", environ=dict(BASE_ENV, **single))
-    assert plan.argv[:8] == torchrun(1, 8, 0, "n7", slurm.PORT_BASE + 4711)
+    assert plan.argv[:10] == torchrun(1, 8, 0, "n7", slurm.PORT_BASE + 4711)
 
 
 def _tools_launch(tmp_path, environ, *options):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
-import sys
 
 import pytest
 import torch
@@ -17,16 +16,8 @@ FAKES = pathlib.Path(__file__).parent / "fakes"
 
 
 @pytest.fixture
-def npu_optim(monkeypatch):
-    spec = importlib.util.spec_from_file_location("torch_npu", FAKES / "torch_npu" / "__init__.py",
-                                                  submodule_search_locations=[str(FAKES / "torch_npu")])
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "torch_npu", mod)
-    had_npu = hasattr(torch, "npu")
-    spec.loader.exec_module(mod)
-    if not had_npu:
-        monkeypatch.delattr(torch, "npu", raising=False)
-    return mod.optim
+def npu_optim(fake_torch_npu):
+    return fake_torch_npu.optim
 
 
 def _model(dtype=torch.float32):

@@ -392,20 +392,6 @@ def test_npu_msda_dtype_follows_the_kernel(mx):
     torch.testing.assert_close(out_ac, want, **sum_tolerance(F32, 16, 1.0, result_dtype=torch.float16))
 
 
-@pytest.fixture
-def fake_torch_npu(monkeypatch):
-    """The fake torch_npu importable (for torch_npu.npu.get_device_name), without touching torch.npu."""
-    spec = importlib.util.spec_from_file_location("torch_npu", FAKES / "torch_npu" / "__init__.py",
-                                                  submodule_search_locations=[str(FAKES / "torch_npu")])
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "torch_npu", mod)
-    had_npu = hasattr(torch, "npu")
-    spec.loader.exec_module(mod)
-    if not had_npu:
-        monkeypatch.delattr(torch, "npu", raising=False)
-    return mod
-
-
 @pytest.mark.parametrize("soc, runs_kernel", [("Ascend910B1", True), ("Ascend910_9391", True),
                                               ("Ascend950PR", True), ("Ascend310P3", False)])
 def test_npu_grid_sampler3d_chip_gate(mx, fake_torch_npu, monkeypatch, soc, runs_kernel):

@@ -38,6 +38,18 @@ def test_apply_wraps_original_and_undo_restores(fake_upstream):
     patches.undo()
 
 
+def test_opt_in_patches_apply_only_when_enabled(fake_upstream):
+    switch = [False]
+    patches = PatchSet("t", [RuntimePatch("helper.opt-in", "fake_upstream_mod:helper", lambda orig: (lambda: "on"),
+                                          why="test", enabled=lambda: switch[0])])
+    assert patches.apply("cpu") == [] and fake_upstream.helper() == "original"
+    assert "(opt-in)" in patches.describe()[0]["devices"]
+    switch[0] = True
+    patches.undo()
+    assert patches.apply("cpu") == ["helper.opt-in"] and fake_upstream.helper() == "on"
+    patches.undo()
+
+
 def test_missing_target_fails_loudly_and_changes_nothing(fake_upstream):
     original = fake_upstream.Head.loss
     patches = PatchSet("t", [

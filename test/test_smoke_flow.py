@@ -147,3 +147,10 @@ def test_model_scripts_plan_the_demo(tmp_path):
         assert config in out.stdout and "--nproc_per_node=2" in out.stdout
         assert "would judge the results with the demo gate" in out.stderr + out.stdout
     assert not (tmp_path / "runs").exists()
+def test_a_resumed_smoke_training_is_evaluated_as_a_new_checkpoint(monkeypatch, flow, tmp_path):
+    """--resume belongs to the training launch only: the evaluation afterwards takes the new run's checkpoint."""
+    monkeypatch.setattr(smoke, "load_spec", lambda model, ref: _spec("latest.pth"))
+    assert smoke.run(_request(resume=str(tmp_path / "earlier")), flow["launch_once"]) == 0
+    train, evaluation = flow["launches"]
+    assert train.resume == str(tmp_path / "earlier") and evaluation.resume is None
+    assert evaluation.checkpoint == tmp_path / "run1" / "latest.pth"

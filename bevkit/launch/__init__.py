@@ -2,7 +2,7 @@
 
     python -m bevkit.launch --model fbocc --mode full [--data-root DIR] [--nproc 8] [--nnodes 1]
         [--node-rank 0] [--master-addr A] [--master-port P] [--device {npu,cuda,cpu}] [--work-dir DIR]
-        [--config F] [--checkpoint F] [--max-steps N] [--warmup-steps N] [--no-data-check] [--dry-run]
+        [--config F] [--checkpoint F] [--resume RUN_DIR|auto] [--trust-checkpoint] [--max-steps N] [--warmup-steps N] [--no-data-check] [--dry-run]
         [-- ARGS passed to the upstream entry point]
 
 Model scripts (``fbocc/test/train_8p_full.sh`` ...) are one ``exec tools/launch --model M --mode X "$@"``.
@@ -40,7 +40,8 @@ from typing import List, Mapping, Optional, Sequence, Tuple
 from bevkit import upstream
 from bevkit.launch import smoke
 from bevkit.launch.environment import ENV_DIR, expand, read_env_file, usable_cores
-from bevkit.launch.execute import execute, print_dry_run, refuse_bad_data, render_command
+from bevkit.errors import UserError
+from bevkit.launch.execute import execute, print_dry_run, refuse_bad_checkpoint, refuse_bad_data, render_command
 from bevkit.launch.plan import Machine, Plan, free_port, load_spec, next_run_dir, plan
 from bevkit.launch.request import DEFAULT_PERFORMANCE_STEPS, LaunchError, Request, build_parser, parse
 from bevkit.registry import ModelSpec
@@ -80,16 +81,19 @@ def launch_once(request: Request) -> Tuple[int, Optional[Path]]:
         the_plan = make_plan(request)
         if request.data_check:
             refuse_bad_data(the_plan)
+        refuse_bad_checkpoint(the_plan)
         if request.dry_run:
             print_dry_run(the_plan)
             return 0, the_plan.request.run_dir
         run_dir = next_run_dir(the_plan.work_dir, the_plan.node_rank if the_plan.request.nnodes > 1 else None)
         if run_dir != the_plan.request.run_dir:  # the planned name was taken meanwhile: plan with the real one
             request = dataclasses.replace(request, master_port=the_plan.master_port)
+            found = the_plan.checkpoint_found
             the_plan = make_plan(request, spec=the_plan.spec, run_dir=run_dir)
-    except LaunchError as e:
+            the_plan.checkpoint_found = found
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2, None
+        return e.exit_code, None
     return execute(the_plan, [sys.argv[0]] + list(sys.argv[1:])), the_plan.request.run_dir
 
 
@@ -98,7 +102,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if request.mode in smoke.FLOWS and request.spec_ref is None:  # data, preparation, training, eval (demo: gate)
         try:
             return smoke.run(request, launch_once)
-        except LaunchError as e:
+        except UserError as e:
             print(f"error: {e}", file=sys.stderr)
-            return 2
+            return e.exit_code
     return launch_once(request)[0]

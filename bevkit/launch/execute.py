@@ -2,6 +2,7 @@
 results.json (:mod:`bevkit.results`) and the final lines. Also the dry-run printout and the data check."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
@@ -14,7 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Mapping, Sequence, Tuple
 
-from bevkit import __version__, log
+from bevkit import REPO_ROOT, __version__, log
+from bevkit.errors import EXIT_CHECKPOINT, CheckpointError, UserError
 from bevkit.launch.plan import Plan
 from bevkit.launch.request import LaunchError
 from bevkit.registry import MODELS, ModelSpec
@@ -64,14 +66,14 @@ def launch_record(plan: Plan, launcher_argv: Sequence[str]) -> dict:
                     "run_dir": str(r.run_dir), "nproc_per_node": r.nproc_per_node, "nnodes": r.nnodes,
                     "node_rank": plan.node_rank, "master_addr": plan.master_addr, "launcher": plan.launcher,
                     "master_port": plan.master_port, "config": str(r.config) if r.config else None,
-                    "checkpoint": str(r.checkpoint) if r.checkpoint else None, "max_steps": r.max_steps,
+                    "checkpoint": str(r.checkpoint) if r.checkpoint else None,
+                    "resume": str(r.resume) if r.resume else None, "max_steps": r.max_steps,
                     "extra_args": list(r.extra_args), "batch_per_device": plan.batch_per_device,
                     "warmup_steps": plan.warmup_steps, "flow": plan.launch.flow if plan.launch else None},
+        "resumed_from": plan.resumed_from.summary() if plan.resumed_from else None,
+        "checkpoint_check": plan.checkpoint_found,
         "notes": plan.notes,
     }
-
-
-# ------------------------------------------------------------------------------------------ checks
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -105,16 +107,52 @@ def refuse_bad_data(plan: Plan) -> None:
         plan.notes.append(f"data check skipped: validator {state}")
 
 
+def refuse_bad_checkpoint(plan: Plan) -> None:
+    """The checkpoint the run will load, checked before anything starts (:mod:`bevkit.checkpoint_check`, in a
+    process of its own: it imports torch, the launcher does not). A real launch refuses a problem with its one
+    line (exit code 3); a dry run lists it."""
+    if plan.checked_checkpoint is None:
+        return
+    path, purpose = plan.checked_checkpoint
+    command = [sys.executable, "-m", "bevkit.checkpoint_check", "--model", plan.spec.name, "--purpose", purpose,
+               "--data-root", str(plan.request.data_root), str(path)]
+    try:
+        done = subprocess.run(command, env=dict(plan.env), cwd=str(REPO_ROOT), capture_output=True, text=True,
+                              timeout=900)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise LaunchError(f"could not run the checkpoint check ({' '.join(command)}): {e}") from e
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    if done.returncode == 0:
+        plan.checkpoint_found = json.loads(done.stdout.strip().splitlines()[-1])
+        return
+    if done.returncode == EXIT_CHECKPOINT and lines and lines[-1].startswith("error: "):
+        problem: UserError = CheckpointError(lines[-1][len("error: "):])
+    else:
+        problem = LaunchError(f"the checkpoint check of {path} failed (exit {done.returncode}): "
+                              + (lines[-1] if lines else "no output") + f" [{' '.join(command)}]")
+    if plan.launch is not None and plan.launch.dry_run:
+        plan.warnings.append(str(problem))
+    else:
+        raise problem
+
+
 # --------------------------------------------------------------------------------------------- run
 def run_tee(argv: Sequence[str], env: Mapping[str, str], cwd: Path, log_path: Path, out=None) -> int:
     """Run argv, streaming its combined output to ``out`` and to log_path; returns the exit code.
 
-    The child gets its own session so that a terminal Ctrl-C reaches it once, through us: SIGINT,
-    SIGTERM and SIGHUP are forwarded, and we keep reading until it has finished its own shutdown.
+    The child gets its own session so that a terminal Ctrl-C reaches it once, through us (torchrun stops
+    its workers on the first SIGINT and must not get a second one mid-shutdown): SIGINT, SIGTERM and SIGHUP
+    are forwarded, and we keep reading until it has finished its own shutdown. If we die without forwarding
+    (SIGKILL, a crash), the child's parent-death signal (:func:`bevkit.launch.worker.preexec_for`) kills it,
+    and torchrun's workers die with torchrun the same way (they start through :mod:`bevkit.launch.worker`):
+    no trainer outlives the launcher.
     """
+    from bevkit.launch import worker  # not at import time: `-m bevkit.launch.worker` imports this package first
+
     out = out if out is not None else sys.stdout.buffer
     proc = subprocess.Popen(list(argv), cwd=str(cwd), env=dict(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=worker.preexec_for(os.getpid()))
 
     def forward(signum, _frame):
         if proc.poll() is None:
@@ -152,7 +190,7 @@ def run_tee(argv: Sequence[str], env: Mapping[str, str], cwd: Path, log_path: Pa
 
 def finish(plan: Plan, exit_code: int, e2e_s: float, out=None) -> Path:
     """Write results.json + the Ascend-style log from the run folder; print the final lines."""
-    from bevkit import provenance
+    from bevkit import op_limits, provenance
     from bevkit import results as res
     from bevkit import visualize
     from bevkit.timing import STEPS_FILE, read_steps
@@ -169,9 +207,11 @@ def finish(plan: Plan, exit_code: int, e2e_s: float, out=None) -> Path:
         e2e_duration_s=round(e2e_s, 3), warmup=plan.warmup_steps,
         versions=provenance.collect_versions(plan.env),
         upstream=provenance.upstream_info(plan.spec.upstream_name, checkout),
+        npu_op_limits=op_limits.policy(plan.env),
         extra={"max_steps": r.max_steps, "run_dir": str(r.run_dir),
                "flow": plan.launch.flow if plan.launch else None, "config": str(r.config) if r.config else None,
                "checkpoint": str(r.checkpoint) if r.checkpoint else None,
+               "resumed_from": plan.resumed_from.summary() if plan.resumed_from else None,
                "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "host": socket.gethostname(), "arch": platform.machine(),
                "files": {"log": LOG_FILE, "launch": LAUNCH_FILE, "steps": STEPS_FILE if records else None,
@@ -209,5 +249,22 @@ def execute(plan: Plan, launcher_argv: Sequence[str]) -> int:
     except OSError as e:
         print(f"error: could not start {plan.argv[0]}: {e}", file=sys.stderr)
         rc = 127
+    problem = user_error_of(plan) if rc != 0 else None
+    if problem is not None:  # bad input found inside the run (bevkit.launch.worker): its code, its line last
+        rc = problem.get("exit_code") or rc
     finish(plan, rc, time.monotonic() - start)
+    if problem is not None:
+        sys.stdout.flush()
+        print(f"error: {problem.get('message')}", file=sys.stderr, flush=True)
     return rc
+
+
+def user_error_of(plan: Plan):
+    """The one-line input error a training process reported (``error.json`` in the run folder), if any."""
+    from bevkit.launch.worker import ERROR_FILE
+
+    try:
+        found = json.loads((plan.request.run_dir / ERROR_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) and found.get("message") else None

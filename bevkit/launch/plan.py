@@ -11,17 +11,21 @@ import importlib
 import importlib.util
 import socket
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
-from bevkit import REPO_ROOT
+from bevkit import REPO_ROOT, op_limits
 from bevkit.device import DEVICES, RunDevice, detect_profile
-from bevkit.launch import environment, slurm
+from bevkit.launch import environment, resume, slurm
 from bevkit.launch.request import (DEFAULT_NPROC, DEFAULT_PERFORMANCE_STEPS, MULTINODE_DEFAULT_PORT, LaunchError,
                                    Request, _abs)
 from bevkit.registry import MODELS, LaunchRequest, ModelSpec, get_spec
+
+
+#: every rank runs its entry point through this module (parent-death signal, one-line errors)
+WORKER = "bevkit.launch.worker"
 
 
 @dataclass
@@ -55,6 +59,10 @@ class Plan:
     batch_per_device: int
     launch: Optional[Request] = None    # what was asked for (the smoke flow derives its evaluation from it)
     launcher: str = "local"             # how the cluster shape was found: local (options, environment) or slurm
+    resumed_from: Optional[resume.Earlier] = None   # --resume: the earlier run and its checkpoint
+    #: the checkpoint the run loads and what for ('eval', 'init', 'resume'), checked before the launch
+    checked_checkpoint: Optional[Tuple[Path, str]] = None
+    checkpoint_found: Optional[dict] = None   # what the check found in it (recorded in launch.json)
     warmup_steps: Optional[int] = None
     cann_set_env: Optional[Path] = None
     env_files: List[str] = field(default_factory=list)
@@ -209,6 +217,25 @@ def plan(request: Request, machine: Machine, spec: Optional[ModelSpec] = None,
 
     # --- paths and steps
     mode = request.mode
+    work_dir = request.work_dir or REPO_ROOT / "runs" / spec.name / mode
+    earlier: Optional[resume.Earlier] = None
+    if request.resume is not None:
+        if mode == "eval":
+            raise LaunchError("--resume continues a training; to evaluate a checkpoint pass --checkpoint FILE")
+        if request.checkpoint is not None:
+            raise LaunchError("--resume continues a run with its own checkpoint; --checkpoint FILE starts a new "
+                              "training from weights: pass one of them")
+        if spec.checkpoint_format is None:
+            raise LaunchError(f"model {spec.name} cannot resume: its spec has no checkpoint_format")
+        earlier = resume.find(request.resume, spec, mode, work_dir)
+        before = earlier.request  # the earlier run's schedule, unless given again
+        if request.config is None and before.get("config"):
+            request = replace(request, config=Path(before["config"]))
+        if request.max_steps is None and before.get("max_steps") is not None:
+            request = replace(request, max_steps=int(before["max_steps"]))
+        if not request.extra and before.get("extra_args"):
+            request = replace(request, extra=tuple(before["extra_args"]))
+        notes.append(f"resuming {earlier.run_dir} from {earlier.checkpoint.name} (the earlier folder is only read)")
     config = request.config
     if config is None and spec.configs.get(mode):
         config = REPO_ROOT / spec.configs[mode]
@@ -228,7 +255,6 @@ def plan(request: Request, machine: Machine, spec: Optional[ModelSpec] = None,
     if warmup is None and environ.get("BEVKIT_WARMUP_STEPS", "").strip().isdigit():
         warmup = int(environ["BEVKIT_WARMUP_STEPS"])  # (anything else: the default rule)
 
-    work_dir = request.work_dir or REPO_ROOT / "runs" / spec.name / mode
     if run_dir is None:
         run_dir = next_run_dir(work_dir, node_rank if nnodes > 1 else None, create=False)
 
@@ -247,7 +273,11 @@ def plan(request: Request, machine: Machine, spec: Optional[ModelSpec] = None,
 
     launch_request = LaunchRequest(mode=mode, device=device, data_root=data_root, run_dir=run_dir,
                                    nproc_per_node=nproc, nnodes=nnodes, config=config, checkpoint=checkpoint,
-                                   max_steps=max_steps, extra_args=request.extra)
+                                   resume=earlier.checkpoint if earlier else None, max_steps=max_steps,
+                                   extra_args=request.extra)
+    checked = None
+    if spec.checkpoint_format is not None and (checkpoint is not None or earlier is not None):
+        checked = (earlier.checkpoint, "resume") if earlier else (checkpoint, "eval" if mode == "eval" else "init")
     try:
         entry = [str(a) for a in spec.build_entry(launch_request)]
         batch = spec.batch_per_device(launch_request)
@@ -260,20 +290,30 @@ def plan(request: Request, machine: Machine, spec: Optional[ModelSpec] = None,
     contract = {"BEVKIT_RUN_DIR": str(run_dir), "BEVKIT_MODEL": spec.name, "BEVKIT_MODE": mode,
                 "BEVKIT_DEVICE": device, "BEVKIT_DATA_ROOT": str(data_root),
                 "BEVKIT_SAMPLES_PER_DEVICE": str(batch),
-                "BEVKIT_MAX_STEPS": str(max_steps) if max_steps is not None else None}
+                "BEVKIT_MAX_STEPS": str(max_steps) if max_steps is not None else None,
+                # the checkpoint the launcher checked: the training process compares it with the built model
+                "BEVKIT_CHECKPOINT": str(checked[0]) if checked else None,
+                "BEVKIT_TRUST_CHECKPOINT": "1" if request.trust_checkpoint or
+                environ.get("BEVKIT_TRUST_CHECKPOINT") == "1" else None}
     env = environment.build(environ=environ, device=device, nproc=nproc, cores=machine.cores,
                             pythonpath=upstream_path, contract=contract, refuse=refuse, notes=notes,
                             source=machine.source)
 
     argv = [sys.executable, "-m", "torch.distributed.run",
             f"--nnodes={nnodes}", f"--nproc_per_node={nproc}", f"--node_rank={node_rank}",
-            f"--master_addr={master_addr}", f"--master_port={port}"] + entry
+            f"--master_addr={master_addr}", f"--master_port={port}", "-m", WORKER] + entry
     cwd = checkout if checkout is not None and checkout.is_dir() else REPO_ROOT
     backend = RunDevice(device, emulated=environ.get("BEVKIT_EMULATE_DEVICE") == device != "cpu")
+    try:
+        limits = op_limits.describe(env.env)
+    except ValueError as e:
+        raise LaunchError(str(e)) from None
+    if device == "npu":
+        notes.append(limits)
     notes.insert(0, f"{spec.name} {mode}: {nnodes} node(s) x {nproc} {device} process(es) "
                     f"({backend.dist_backend}), batch {batch}/device, global batch {batch * nproc * nnodes}")
     return Plan(spec=spec, request=launch_request, argv=argv, env=env.env, env_set=env.env_set,
                 env_unset=env.env_unset, cwd=cwd, work_dir=work_dir, node_rank=node_rank, master_addr=master_addr,
                 master_port=port, batch_per_device=batch, launch=request, launcher="slurm" if shape else "local",
-                warmup_steps=warmup,
+                resumed_from=earlier, checked_checkpoint=checked, warmup_steps=warmup,
                 cann_set_env=env.cann_set_env, env_files=env.env_files, notes=notes, warnings=warnings)

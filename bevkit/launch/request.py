@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from bevkit.device import DEVICES
+from bevkit.errors import UserError
 from bevkit.registry import MODELS, MODES
 
 DEFAULT_NPROC = 8
@@ -20,8 +21,9 @@ MULTINODE_DEFAULT_PORT = 29500
 LAUNCHERS = ("local", "slurm")
 
 
-class LaunchError(Exception):
-    """A problem with the user's input or machine, reported as one clear message (exit code 2)."""
+class LaunchError(UserError):
+    """A problem with the user's input or machine, reported as one clear message (exit code 2, unless a
+    :class:`~bevkit.errors.UserError` subclass says otherwise)."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,9 @@ class Request:
     master_port: Optional[int] = None     # None: a free port on one node, MULTINODE_DEFAULT_PORT with several
     work_dir: Optional[Path] = None       # None: <repo>/runs/<model>/<mode>
     config: Optional[Path] = None         # None: the model's config for the mode
-    checkpoint: Optional[Path] = None
+    checkpoint: Optional[Path] = None     # eval: weights to evaluate; training: weights to start from
+    resume: Optional[str] = None          # a run folder (absolute) or 'auto': continue that run's training
+    trust_checkpoint: bool = False        # unpickle checkpoints from anywhere (see bevkit.torch_load)
     max_steps: Optional[int] = None       # None: performance runs get the model's step count
     warmup_steps: Optional[int] = None    # None: the first 10% of the steps
     launcher: Optional[str] = None        # None: 'slurm' inside a Slurm job task, else 'local'
@@ -57,7 +61,9 @@ class Request:
             mode=args.mode, model=args.model, spec_ref=args.spec, data_root=_abs(args.data_root),
             device=args.device, nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
             master_addr=args.master_addr, master_port=args.master_port, work_dir=_abs(args.work_dir),
-            config=_abs(args.config), checkpoint=_abs(args.checkpoint), max_steps=args.max_steps,
+            config=_abs(args.config), checkpoint=_abs(args.checkpoint),
+            resume=(args.resume if args.resume in (None, "auto") else str(_abs(Path(args.resume)))),
+            trust_checkpoint=bool(args.trust_checkpoint), max_steps=args.max_steps,
             warmup_steps=args.warmup_steps, launcher=args.launcher, data_check=not args.no_data_check,
             dry_run=bool(args.dry_run), extra=tuple(extra))
 
@@ -101,7 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", type=Path, default=None,
                    help="folder that receives one new run folder per run (default <repo>/runs/<model>/<mode>)")
     p.add_argument("--config", type=Path, default=None, help="model config (default: the model's config for the mode)")
-    p.add_argument("--checkpoint", type=Path, default=None, help="weights to evaluate (eval mode) or start from")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="eval: the weights to evaluate; training: start a new training from these weights "
+                        "(fresh optimizer and counters); checked before anything starts")
+    p.add_argument("--resume", metavar="RUN_DIR|auto", default=None,
+                   help="continue the training of an earlier run folder from its newest checkpoint (counters, "
+                        "optimizer, scheduler, EMA, scaler, RNG) in a new run folder; 'auto': the newest run of "
+                        "this model and mode that did not finish. The earlier folder is only read")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a checkpoint that needs full unpickling (not weights_only) even from outside the "
+                        "run folders and DATA_ROOT/ckpts: only for files from a source you trust")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop training after N optimizer steps (sets BEVKIT_MAX_STEPS)")
     p.add_argument("--warmup-steps", type=int, default=None,

@@ -14,7 +14,8 @@ Backends:
 
 * npu: ``mx_driving.multi_scale_deformable_attn`` within its documented limits (embed_dims a multiple of 8 and
   <= 256, num_heads <= 8, num_points*num_levels <= 64, no empty tensors): head dims are zero-padded to a multiple
-  of 8 (exact; the padding is cut off), and heads, channel blocks and points are split into calls whose outputs
+  of 8 (exact; the padding is cut off; ``BEVKIT_NPU_OP_LIMITS=port`` passes them unpadded, as the DrivingSDK
+  port, see :mod:`bevkit.op_limits`), and heads, channel blocks and points are split into calls whose outputs
   are concatenated (heads, channels) or summed (points).
 * cuda: mmcv's compiled ``MultiScaleDeformableAttnFunction`` when importable.
 * portable: ``F.grid_sample`` per level (mmcv's pure-PyTorch formulation) laid out points-before-queries so the
@@ -28,6 +29,7 @@ outside autocast (mx_driving's ``custom_fwd(cast_inputs=float32)`` casts only un
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import List, Sequence, Tuple
 
@@ -35,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from bevkit import op_limits
 from bevkit.ops.dispatch import backend_for, log_once, run_op
 
 OP = "multi_scale_deformable_attn"
@@ -198,7 +201,10 @@ def _npu(mx, value, spatial_shapes, level_start_index, sampling_locations, atten
     value = value.to(dtype)
     sampling_locations = sampling_locations.to(dtype)
     attention_weights = attention_weights.to(dtype)
-    dp = int(math.ceil(dh / NPU_DIM_MULTIPLE) * NPU_DIM_MULTIPLE)
+    # BEVKIT_NPU_OP_LIMITS=port: unpadded head dims, as the FB-OCC port passes 10 (bevkit.op_limits)
+    dp = dh if op_limits.port() else int(math.ceil(dh / NPU_DIM_MULTIPLE) * NPU_DIM_MULTIPLE)
+    if dp % NPU_DIM_MULTIPLE:
+        log_once(OP, f"port op limits: head dims {dp} unpadded (documented: a multiple of 8)", logging.INFO)
     if dp != dh:
         log_once(OP, f"multi_scale_deformable_attn needs head dims % 8 == 0: zero-padding {dh} to {dp} "
                      "(exact; the padding is cut off)")

@@ -5,7 +5,8 @@ Backends:
 * npu: ``mx_driving.grid_sampler3d_v1`` (positional ``(input, grid, 'bilinear', 'zeros', True)``) within its
   documented limits: float32, bilinear / zeros / align_corners=True only, C <= 128 and a multiple of 4, element
   counts within int32, no empty tensors. Channels are zero-padded to a multiple of 4 and split into chunks of
-  <= 128 (FB-OCC samples 16 x 80 = 1280 history channels); other modes run the portable code. The kernel also
+  <= 128 (FB-OCC samples 16 x 80 = 1280 history channels; ``BEVKIT_NPU_OP_LIMITS=port``: one call with all of
+  them, as the DrivingSDK port makes it, see :mod:`bevkit.op_limits`); other modes run the portable code. The kernel also
   rejects inf/NaN, which is not checked here (that would cost a device sync per call). Its wrapper serves only
   Ascend910* (A2/A3) and Ascend950* SoCs and raises NotImplementedError on others (mx_driving/ops/
   grid_sampler3d_v1.py): on another SoC the portable code runs.
@@ -13,11 +14,13 @@ Backends:
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 import torch.nn.functional as F
 
+from bevkit import op_limits
 from bevkit.ops.dispatch import backend_for, log_once, mx_driving, npu_soc_name
 
 OP = "grid_sample_3d"
@@ -69,7 +72,9 @@ def _npu(mx, input, grid, mode, padding_mode, align_corners):
     n, c, d, h, w = input.shape
     _, do, ho, wo, _ = grid.shape
     spatial = max(d * h * w, do * ho * wo)
-    cmax = min(NPU_MAX_C, NPU_MAX_ELEMENTS // (n * spatial) // NPU_C_MULTIPLE * NPU_C_MULTIPLE)
+    # BEVKIT_NPU_OP_LIMITS=port: all channels in one call, as the FB-OCC port passes C=1280 (bevkit.op_limits)
+    max_c = c + (-c) % NPU_C_MULTIPLE if op_limits.port() else NPU_MAX_C
+    cmax = min(max_c, NPU_MAX_ELEMENTS // (n * spatial) // NPU_C_MULTIPLE * NPU_C_MULTIPLE)
     if cmax < NPU_C_MULTIPLE or grid.numel() > NPU_MAX_ELEMENTS:
         log_once(OP, f"input {tuple(input.shape)} / grid {tuple(grid.shape)} exceed grid_sampler3d_v1's int32 "
                      "element limits even with 4 channels per call; using the portable code")
@@ -83,6 +88,9 @@ def _npu(mx, input, grid, mode, padding_mode, align_corners):
     if cp != c:
         log_once(OP, f"grid_sampler3d_v1 needs C % 4 == 0: zero-padding C={c} to {cp} (exact; padding is cut off)")
         x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, cp - c))
+    if cmax > NPU_MAX_C:
+        log_once(OP, f"port op limits: C={cp} channels in one grid_sampler3d_v1 call (documented: C <= 128)",
+                 logging.INFO)
     if cp > cmax:
         log_once(OP, f"grid_sampler3d_v1 takes at most {cmax} channels: splitting C={cp} into chunks of {cmax}")
     outs = [mx.grid_sampler3d_v1(x[:, s:s + cmax].contiguous(), g, "bilinear", "zeros", True)

@@ -12,7 +12,8 @@ Backends:
 
 * npu: ``mx_driving.npu_voxel_pooling_train`` within its documented limits (B <= 128, N <= 100000, C <= 256,
   nx, ny <= 1000, nz <= 10, B*ny*nx*C <= 1e8, B*N*C <= 1e8): points are split into chunks whose partial
-  BEV maps are summed, channels and batches into chunks that are concatenated; nz > 10 is folded into nz = 1 by
+  BEV maps are summed (``BEVKIT_NPU_OP_LIMITS=port``: all points in one call, as the DrivingSDK port, see
+  :mod:`bevkit.op_limits`), channels and batches into chunks that are concatenated; nz > 10 is folded into nz = 1 by
   dropping out-of-range z first. The inference op runs as chunked training-mode pooling of depth x context
   (the chunk bounds the outer product's memory).
 * cuda: BEVDepth's compiled ``bevdepth.ops`` kernels when importable, for the inputs they handle: float32 or
@@ -31,6 +32,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch.autograd.function import once_differentiable
 
+from bevkit import op_limits
 from bevkit.ops._scatter import CHUNK_ELEMENTS, csr_supported, weighted_scatter
 from bevkit.ops.dispatch import log_once, run_op
 
@@ -180,7 +182,11 @@ def _npu_train(mx, geom, feats, nx, ny, nz) -> Optional[torch.Tensor]:
         log_once(OP_TRAIN, f"one channel of a {bstep}x{ny}x{nx} grid exceeds B*ny*nx*C <= 1e8; "
                            "using the portable code")
         return None
-    nstep = min(n, NPU_MAX_N, NPU_MAX_IN // (bstep * cstep))
+    # BEVKIT_NPU_OP_LIMITS=port: all points in one call, as the BEVDepth port passes N=473,088 (bevkit.op_limits)
+    nstep = n if op_limits.port() else min(n, NPU_MAX_N, NPU_MAX_IN // (bstep * cstep))
+    if nstep > NPU_MAX_N or bstep * nstep * cstep > NPU_MAX_IN:
+        log_once(OP_TRAIN, f"port op limits: N={nstep} points of B={bstep}, C={cstep} in one call (documented: "
+                           "N <= 100000, B*N*C <= 1e8)", logging.INFO)
     if (bstep, cstep, nstep) != (b, c, n):
         log_once(OP_TRAIN, f"B={b}, N={n}, C={c} exceeds npu_voxel_pooling_train's limits (B <= 128, "
                            "N <= 100000, C <= 256, B*ny*nx*C <= 1e8, B*N*C <= 1e8): splitting into "
@@ -263,8 +269,10 @@ def _npu_inference(mx, geom, depth, context, nx, ny, nz) -> Optional[torch.Tenso
     geom = geom.reshape(b, n, 3)
     depth_flat = depth.reshape(b, n)
     ctx_rows = context.reshape(b, ncam, c, h * w).transpose(2, 3).reshape(b, ncam * h * w, c)
-    # Point k = ((n*D + d)*H*W + hw) reads context pixel n*H*W + hw; chunks bound the outer product's memory.
-    step = max(1, min(NPU_MAX_N, NPU_MAX_IN // max(1, min(b, NPU_MAX_B) * min(c, NPU_MAX_C))))
+    # Point k = ((n*D + d)*H*W + hw) reads context pixel n*H*W + hw; chunks bound the outer product's memory
+    # (the port policy makes one call with the whole product, as the BEVDepth port's evaluation does).
+    step = n if op_limits.port() else \
+        max(1, min(NPU_MAX_N, NPU_MAX_IN // max(1, min(b, NPU_MAX_B) * min(c, NPU_MAX_C))))
     out = None
     for s in range(0, n, step):
         k = torch.arange(s, min(n, s + step), device=geom.device)

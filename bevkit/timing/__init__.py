@@ -19,6 +19,10 @@ neither mmcv nor Lightning):
 - :mod:`bevkit.timing.lightning`: ``BevkitTimingCallback`` for pytorch-lightning 1.9 (BEVDepth).
 
 Both stop training cleanly after ``$BEVKIT_MAX_STEPS`` steps (performance runs).
+
+Steps are counted from the training's own counter: a resumed run (``--resume``) starts at the step after its
+checkpoint (``first_step``), so the ``steps.jsonl`` of the earlier run up to the checkpoint and that of the
+resumed run join into one curve, and ``BEVKIT_MAX_STEPS`` ends both at the same total.
 """
 from __future__ import annotations
 
@@ -71,7 +75,7 @@ class StepRecorder:
     def __init__(self, run_dir: Optional[str] = None, device: Optional[str] = None,
                  rank: Optional[int] = None, world_size: Optional[int] = None,
                  samples_per_device: Optional[int] = None, max_steps: Optional[int] = None,
-                 sync: bool = True, clock=time.perf_counter):
+                 sync: bool = True, clock=time.perf_counter, first_step: int = 0):
         run_dir = run_dir if run_dir is not None else env.get("BEVKIT_RUN_DIR")
         self.run_dir = Path(run_dir) if run_dir else None
         self.device = RunDevice.of(device) if device else run_device()
@@ -84,7 +88,8 @@ class StepRecorder:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         self.sync = sync
         self._clock = clock
-        self.steps = 0
+        self.first_step = int(first_step or 0)  # steps done before this process (a resumed training)
+        self.steps = self.first_step
         self._last_end: Optional[float] = None
         self._begin: Optional[float] = None
         self._file = None

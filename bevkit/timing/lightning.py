@@ -29,8 +29,9 @@ class BevkitTimingCallback(pl.Callback):
         self.recorder: Optional[StepRecorder] = None
 
     def on_train_start(self, trainer, pl_module) -> None:
+        # global_step: optimizer steps before this run (a resumed training continues the count)
         self.recorder = StepRecorder(rank=trainer.global_rank, world_size=trainer.world_size,
-                                     **self._kwargs)
+                                     first_step=trainer.global_step, **self._kwargs)
         self.recorder.start()
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:

@@ -44,7 +44,9 @@ class BevkitTimingHook(Hook):
 
     def before_run(self, runner) -> None:
         # runner.rank / world_size come from mmcv.runner.get_dist_info (global rank)
-        self.recorder = StepRecorder(rank=runner.rank, world_size=runner.world_size, **self._kwargs)
+        # runner.iter: iterations done before this run (a resumed training continues the count)
+        self.recorder = StepRecorder(rank=runner.rank, world_size=runner.world_size, first_step=runner.iter,
+                                     **self._kwargs)
         self.recorder.start()
 
     def before_train_epoch(self, runner) -> None:
@@ -74,7 +76,7 @@ class BevkitTimingHook(Hook):
             self._stop(runner)
 
     def _stop(self, runner) -> None:
-        n = self.recorder.steps
+        n = self.recorder.steps - self.recorder.first_step
         if isinstance(runner, IterBasedRunner):
             # IterBasedRunner increments runner.iter after this hook; its loop ends when iter >= _max_iters
             runner._max_iters = runner.iter + 1

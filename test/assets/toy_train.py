@@ -2,7 +2,8 @@
 
 Uses bevkit.timing.StepRecorder like the real hooks do: one record per optimizer step on rank 0, stop at
 BEVKIT_MAX_STEPS. Options: --steps N (upper bound), --fail-at N (exit 3 after step N, to test failures),
---sleep S (seconds of extra work per step, to make step times measurable).
+--sleep S (seconds of extra work per step, to make step times measurable), --bad-checkpoint (every rank
+raises the kit's one-line CheckpointError before training, as a checkpoint that does not fit the model would).
 """
 import argparse
 import os
@@ -21,10 +22,16 @@ def main():
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--fail-at", type=int, default=None)
     p.add_argument("--sleep", type=float, default=0.0)
+    p.add_argument("--bad-checkpoint", action="store_true")
     args = p.parse_args()
     batch = int(os.environ.get("BEVKIT_SAMPLES_PER_DEVICE", "4"))
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    if args.bad_checkpoint:
+        from bevkit.errors import CheckpointError
+
+        raise CheckpointError("toy.pth does not fit the Toy model of the config: keys 1 missing (e.g. w); "
+                              "pass the config it was trained with (--config)")
     torch.manual_seed(0)
     model = torch.nn.parallel.DistributedDataParallel(
         torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1)))

@@ -9,12 +9,13 @@ does not import torch.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import List, Optional
 
 from bevkit import REPO_ROOT, env
 from bevkit.checkpoints import RESNET50
-from bevkit.registry import LaunchRequest, ModelSpec, Upstream
+from bevkit.registry import CheckpointFormat, LaunchRequest, ModelSpec, Upstream
 
 UPSTREAM = Upstream(
     name="BEVDepth", model="bevdepth",
@@ -61,6 +62,24 @@ def checkpoints_under(folder: Path) -> List[Path]:
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
+def _step_of(path: Path) -> int:
+    m = re.search(r"step=(\d+)", path.name)
+    return int(m.group(1)) if m else -1
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest Lightning checkpoint of a run folder (highest step in ``epoch=E-step=S.ckpt``, then time)."""
+    found = checkpoints_under(run_dir)
+    return max(found, key=lambda p: (_step_of(p), p.stat().st_mtime)) if found else None
+
+
+#: What BEVDepth checkpoints look like (bevkit.checkpoint_check): Lightning's, the model under ``model.``.
+CHECKPOINT_FORMAT = CheckpointFormat(
+    title="BEVDepth", framework="lightning", modules=("backbone", "head"), key_prefix="model.",
+    allow_missing=("*.num_batches_tracked",), latest=latest_checkpoint,
+    files="epoch=E-step=S.ckpt of a BEVDepth run folder (lightning_logs/version_0/checkpoints/)")
+
+
 def latest_full_checkpoint(work_dir: Optional[Path] = None) -> Path:
     """The newest checkpoint of the newest full run that wrote one (runs/bevdepth/full/<run>/...)."""
     work_dir = Path(work_dir or REPO_ROOT / "runs" / "bevdepth" / "full")
@@ -87,8 +106,10 @@ def build_entry(request: LaunchRequest) -> List[str]:
         checkpoint = request.checkpoint or latest_full_checkpoint(Path(full_runs) if full_runs else None)
         argv += ["-e", "--ckpt_path", str(checkpoint)]
     else:
-        if request.checkpoint is not None:  # resume
-            argv += ["--ckpt_path", str(request.checkpoint)]
+        if request.resume is not None:  # Lightning restores counters, optimizer, scheduler, scaler; the kit RNG, EMA
+            argv += ["--ckpt_path", str(request.resume)]
+        elif request.checkpoint is not None:  # a new training from these weights
+            argv += ["--load_weights", str(request.checkpoint)]
         epochs = {"full": EPOCHS, "performance": 1, "smoke": SMOKE_EPOCHS, "demo": DEMO_EPOCHS}[request.mode]
         if epochs is not None and not _passes(extra, "--max_epochs"):
             argv += ["--max_epochs", str(epochs)]
@@ -117,4 +138,5 @@ SPEC = ModelSpec(
     references="bevdepth/reference.json",
     pictures="bevkit.models.bevdepth.pictures",
     checkpoints=((RESNET50, "img_backbone_conf.init_cfg (torchvision://resnet50)"),),
+    checkpoint_format=CHECKPOINT_FORMAT,
 )

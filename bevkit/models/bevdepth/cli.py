@@ -47,7 +47,10 @@ def build_parser(exp_name: str, epochs: int = 24) -> ArgumentParser:
                         help="predict on the test set and write results_nusc.json")
     parser.add_argument("-b", "--batch_size_per_device", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="seed for initializing training")
-    parser.add_argument("--ckpt_path", type=str)
+    parser.add_argument("--ckpt_path", type=str,
+                        help="evaluate these weights (-e), or resume training from this checkpoint")
+    parser.add_argument("--load_weights", default=None,
+                        help="start training from these weights (fresh optimizer and counters)")
     parser.add_argument("--data_root", default=env.get("BEVKIT_DATA_ROOT") or "data/nuScenes",
                         help="nuScenes data root with the info pkls (default: $BEVKIT_DATA_ROOT or "
                              "data/nuScenes)")
@@ -129,6 +132,7 @@ def run_cli(model_class, exp_name: str = "base_exp", use_ema: bool = False,
     set by bevdepth/run.py) like upstream does, on the run's device."""
     import pytorch_lightning as pl
 
+    from bevkit.models.bevdepth.callbacks import BevkitResumeState, RunFolderCheckpoint, resumable_ema
     from bevkit.timing.lightning import BevkitTimingCallback
 
     extra = extra_trainer_config_args or {}
@@ -141,16 +145,25 @@ def run_cli(model_class, exp_name: str = "base_exp", use_ema: bool = False,
     # upstream: lr = 2e-4 / 64 * batch_per_device * gpus -> the global batch decides it
     model_kwargs = dict(vars(args), gpus=world_size_of(trainer_kwargs))
     model_kwargs.pop("evaluate_after_fit")
+    model_kwargs.pop("load_weights")
     if model_kwargs.get("nusc_version") is None:
         model_kwargs.pop("nusc_version")
     model = model_class(**model_kwargs)
 
+    for path in (args.ckpt_path, args.load_weights):
+        verify(model, path)
+    if args.load_weights:
+        model.load_state_dict(_state_dict(args.load_weights), strict=False)  # verified: allow-listed gaps only
+
     # the runner knows the batch: each step record counts batch per device x world size samples
-    callbacks: List = [BevkitTimingCallback(samples_per_device=args.batch_size_per_device)]
+    callbacks: List = [BevkitTimingCallback(samples_per_device=args.batch_size_per_device),
+                       BevkitResumeState("bevdepth")]
+    if args.enable_checkpointing is not False:
+        callbacks.append(RunFolderCheckpoint())  # Lightning's default, minus deleting other runs' files
     if use_ema:
         from bevdepth.callbacks.ema import EMACallback
 
-        callbacks.append(EMACallback(len(model.train_dataloader().dataset) * args.max_epochs))
+        callbacks.append(resumable_ema(EMACallback)(len(model.train_dataloader().dataset) * args.max_epochs))
     trainer = pl.Trainer.from_argparse_args(args, callbacks=callbacks, **trainer_kwargs)
     if args.evaluate:
         if not args.ckpt_path:
@@ -163,6 +176,28 @@ def run_cli(model_class, exp_name: str = "base_exp", use_ema: bool = False,
         if args.evaluate_after_fit:
             trainer.test(model)
     return trainer
+
+
+def _state_dict(path):
+    from bevkit import torch_load
+
+    ckpt = torch_load.load(path, map_location="cpu")
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def verify(model, path: Optional[str]) -> None:
+    """The checkpoint the launcher checked (``BEVKIT_CHECKPOINT``), compared key by key with the built model
+    before anything runs (Lightning would fail mid-setup; starting weights would load with gaps)."""
+    checked = env.get("BEVKIT_CHECKPOINT")
+    if not path or not checked or os.path.abspath(path) != os.path.abspath(checked):
+        return
+    from bevkit import torch_load
+    from bevkit.checkpoint_check import compare, inspect
+    from bevkit.models.bevdepth import CHECKPOINT_FORMAT
+
+    found = inspect(torch_load.load(path, mmap=True), path)
+    compare({k: tuple(v.shape) for k, v in model.state_dict().items()}, found.keys, CHECKPOINT_FORMAT, path)
 
 
 def _predict(trainer, model, ckpt_path):

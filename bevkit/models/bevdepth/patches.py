@@ -4,7 +4,8 @@ Every change to upstream behaviour lives here as a named :class:`~bevkit.patchin
 (``python -m bevkit.patching list bevdepth`` prints them); ``bevdepth/bevdepth.patch`` only makes the
 checkout build and import without CUDA. Patches wrap the upstream function where possible, so the
 upstream code still does the work; the few replacements (``get_geometry``) are parity-tested against
-the upstream formulation in ``test/test_bevdepth_patches.py``.
+the upstream formulation in ``test/test_bevdepth_patches.py``. The speed techniques live in
+:mod:`bevkit.models.bevdepth.speed` (``get_geometry`` is imported from there).
 """
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ from bevkit import checkpoints, env, log
 from bevkit.device import device_type, run_device
 from bevkit.models.bevdepth.pictures import dump_on_eval_step
 from bevkit.models.bevdepth.results import record_on_evaluate
+from bevkit.data import jpeg
+from bevkit.models.bevdepth.speed import (_get_image, _get_lidar_depth, _img_transform_draft, _numpy_for_dataset,
+                                          _targets_int32, _train_dataloader, depth_gt_path, get_geometry)
 from bevkit.patching import PatchSet, RuntimePatch
 
 LSS = "bevdepth.layers.backbones.base_lss_fpn"
@@ -114,26 +118,6 @@ def _forward_single_sweep(original):
             self._buffers["voxel_num"] = buffer
 
     return _forward_single_sweep
-
-
-def get_geometry(self, sensor2ego_mat, intrin_mat, ida_mat, bda_mat):
-    """Frustum points -> ego (BDA-augmented) coordinates with matmuls of rank <= 4.
-
-    Same math and association order as upstream ``BaseLSSFPN.get_geometry``
-    (bda @ ((sensor2ego @ K^-1) @ scale_uv(ida^-1 @ p))), but the frustum is flattened to
-    [1, 1, D*H*W, 4] rows multiplied by transposed per-camera matrices instead of broadcasting
-    4x4 matrices over a rank-7 tensor (NPU matmul supports rank <= 6).
-    """
-    batch_size, num_cams = sensor2ego_mat.shape[:2]
-    depth, height, width, _ = self.frustum.shape
-    points = self.frustum.reshape(1, 1, -1, 4)
-    points = points.matmul(ida_mat.inverse().transpose(-1, -2))
-    points = torch.cat((points[..., :2] * points[..., 2:3], points[..., 2:]), -1)
-    combine = sensor2ego_mat.matmul(torch.inverse(intrin_mat))
-    points = points.matmul(combine.transpose(-1, -2))
-    if bda_mat is not None:
-        points = points.matmul(bda_mat.unsqueeze(1).transpose(-1, -2))
-    return points[..., :3].reshape(batch_size, num_cams, depth, height, width, 3)
 
 
 def _deform_conv_forward(original):
@@ -243,44 +227,6 @@ def _module_init(original):
 
 
 # ---------------------------------------------------------------------------------------------------
-# data
-
-
-DEPTH_GT_DIR = "depth_gt"
-_warned_online = []
-
-
-def depth_gt_path(data_root: str, image_filename: str) -> str:
-    """depth_gt/<image basename>.bin (the DrivingSDK port's layout)."""
-    return os.path.join(data_root, DEPTH_GT_DIR, os.path.basename(image_filename) + ".bin")
-
-
-def _get_lidar_depth(original):
-    @functools.wraps(original)
-    def get_lidar_depth(self, lidar_points, img, lidar_info, cam_info):
-        mode = env.get("BEVKIT_DEPTH_GT") or "auto"
-        if mode not in ("auto", "precomputed", "online"):
-            raise ValueError(f"BEVKIT_DEPTH_GT={mode!r}: use auto, precomputed or online")
-        if mode != "online":
-            path = depth_gt_path(self.data_root, cam_info["filename"])
-            if os.path.exists(path):
-                import numpy as np
-
-                return np.fromfile(path, dtype=np.float32).reshape(-1, 3)
-            if mode == "precomputed":
-                raise FileNotFoundError(
-                    f"precomputed depth ground truth {path} is missing: run "
-                    f"'python -m bevkit.data.depth_gt {self.data_root}' (or set BEVKIT_DEPTH_GT=online)")
-            if not _warned_online:
-                _warned_online.append(path)
-                log.get("bevdepth").warning(f"no precomputed depth GT ({path}); projecting lidar online, which is "
-                                            f"slow. Run 'python -m bevkit.data.depth_gt {self.data_root}'.")
-        return original(self, lidar_points, img, lidar_info, cam_info)
-
-    return get_lidar_depth
-
-
-# ---------------------------------------------------------------------------------------------------
 # pretrained backbone
 
 RESNET50_FILE = checkpoints.RESNET50.file
@@ -315,6 +261,19 @@ def _is_function(original: Any) -> bool:
     return callable(original)
 
 
+def _lightning_load(original):
+    """Lightning's checkpoint IO (fit/test ``ckpt_path``) through the kit's weights_only loader."""
+    from bevkit.torch_load import load
+
+    def pl_load(path_or_url, map_location=None):
+        if isinstance(path_or_url, (str, Path)) and not str(path_or_url).startswith(("http://", "https://")):
+            return load(path_or_url, map_location=map_location)
+        return original(path_or_url, map_location=map_location)
+
+    pl_load.__bevkit_original__ = original
+    return pl_load
+
+
 def _kit_run_cli(original):
     from .cli import run_cli
 
@@ -338,8 +297,9 @@ PATCHES = PatchSet("bevdepth", [
         why="upstream passes self.voxel_num.cuda(); the buffer is already on the module's device",
         devices=("npu", "cpu"), check=_is_function),
     RuntimePatch(
-        "get_geometry_rank4", f"{LSS}:BaseLSSFPN.get_geometry", lambda original: get_geometry,
-        why="rank-7 broadcast matmuls exceed the NPU's rank-6 matmul; same math with rank-4 matmuls",
+        "get_geometry_mul_sum", f"{LSS}:BaseLSSFPN.get_geometry", lambda original: get_geometry,
+        why="rank-7 broadcast matmuls exceed the NPU's rank-6 matmul; the same maths as elementwise multiply-and-"
+            "sum on [B, N, D*H*W, 4] rows (the DrivingSDK port's rewrite, credited +20 %)",
         devices=("npu",), check=_is_function),
     RuntimePatch(
         "dcn_portable", "mmcv.ops.deform_conv:DeformConv2dPack.forward", _deform_conv_forward,
@@ -382,6 +342,32 @@ PATCHES = PatchSet("bevdepth", [
         "depth_gt_precomputed", f"{DATASET}:NuscDetDataset.get_lidar_depth", _get_lidar_depth,
         why="read depth_gt/<image>.bin made offline by 'python -m bevkit.data.depth_gt' instead of "
             "projecting lidar in the data loader (BEVKIT_DEPTH_GT=auto|precomputed|online)"),
+    RuntimePatch(
+        "lightning_checkpoint_weights_only", "lightning_fabric.plugins.io.torch_io:pl_load", _lightning_load,
+        why="Lightning 1.9 reads --ckpt_path with a bare torch.load (torch 2.1's default weights_only=False: a file "
+            "could run code): through bevkit.torch_load (weights_only first; full unpickling only in trusted "
+            "places)"),
+    RuntimePatch(
+        "no_lidar_read", f"{DATASET}:NuscDetDataset.get_image", _get_image,
+        why="get_image loads every key frame's lidar sweep although only get_lidar_depth uses it; with "
+            "precomputed depth (all of the sample's depth_gt files, no lidar fusion) none is read",
+        check=_is_function),
+    RuntimePatch(
+        "no_lidar_read_numpy", f"{DATASET}:np", _numpy_for_dataset,
+        why="the dataset module's numpy.fromfile hands back a marker instead of reading while get_image skips "
+            "the lidar sweeps (any use of it is an error)"),
+    RuntimePatch(
+        "jpeg_draft", f"{DATASET}:img_transform", _img_transform_draft, enabled=jpeg.enabled,
+        why="opt-in (BEVKIT_JPEG_DRAFT=1): decode camera JPEGs at the DCT scale the resize needs (PIL draft "
+            "mode): faster loading, slightly different pixels (PSNR in bevdepth/README.md)", check=_is_function),
+    RuntimePatch(
+        "train_loader_workers", f"{EXP}:BEVDepthLightningModel.train_dataloader", _train_dataloader,
+        why="8 training dataloader workers on NPU/CUDA as the DrivingSDK port (upstream 4); BEVKIT_WORKERS sets "
+            "the number on any device", check=_is_function),
+    RuntimePatch(
+        "head_targets_int32", f"{HEAD}:BEVDepthHead.get_targets", _targets_int32, devices=("npu",),
+        why="int32 box-centre indices for the head's gathers, as the DrivingSDK port builds them (the NPU "
+            "gathers int32 natively)", check=_is_function),
     RuntimePatch(
         "pretrained_offline", f"{LSS}:BaseLSSFPN.__init__", _lss_init,
         why="torchvision://resnet50 downloads at build time; use a verified local file "

@@ -9,12 +9,13 @@ upstream code.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import List, Optional
 
 from bevkit import REPO_ROOT
 from bevkit.checkpoints import RESNET50, Checkpoint
-from bevkit.registry import LaunchRequest, ModelSpec, Upstream
+from bevkit.registry import CheckpointFormat, LaunchRequest, ModelSpec, Upstream
 
 UPSTREAM = Upstream(
     name="FB-BEV", model="fbocc",
@@ -46,6 +47,32 @@ DEPTH_PRETRAIN = Checkpoint(
     "https://github.com/zhiqi-li/storage/releases/download/v1.0/r50_256x705_depth_pretrain.pth")
 
 
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest training checkpoint mmcv wrote into a run folder: the highest ``iter_N.pth`` (``epoch_N.pth``
+    for epoch-based configs); EMA files and the ``latest.pth`` link are not training checkpoints."""
+    numbered = []
+    for path in Path(run_dir).glob("*.pth"):
+        m = re.fullmatch(r"(iter|epoch)_(\d+)\.pth", path.name)
+        if m and path.is_file():
+            numbered.append((m.group(1) == "iter", int(m.group(2)), path))
+    return max(numbered)[2] if numbered else None
+
+
+#: What FB-OCC checkpoints look like (bevkit.checkpoint_check): mmcv's {meta, state_dict, optimizer}, the
+#: FBOCC detector's modules (the two history convolutions exist in every config with temporal fusion).
+CHECKPOINT_FORMAT = CheckpointFormat(
+    title="FB-OCC", framework="mmcv",
+    modules=("img_backbone", "img_neck", "depth_net", "forward_projection", "backward_projection",
+             "img_bev_encoder_backbone", "img_bev_encoder_neck", "occupancy_head"),
+    optional_modules=("history_keyframe_time_conv", "history_keyframe_cat_conv", "pts_bbox_head", "img_bev_encoder"),
+    allow_missing=("*.num_batches_tracked",),
+    # the focal loss's radial weight map: a constant of the grid, not learned; kit versions before issue 14
+    # saved it as a buffer
+    allow_unexpected=("occupancy_head.focal_loss.c",),
+    latest=latest_checkpoint, files="iter_N.pth (or latest.pth) of an FB-OCC run folder",
+)
+
+
 def config_for(request: LaunchRequest) -> Path:
     if request.config is not None:
         return Path(request.config)
@@ -68,6 +95,10 @@ def build_entry(request: LaunchRequest) -> List[str]:
     else:
         argv = ["tools/train.py", config, "--launcher", "pytorch", "--work-dir", str(request.run_dir),
                 "--seed", "0"]
+        if request.resume is not None:  # counters, optimizer, scaler, EMA, RNG (bevkit.models.fbocc.resume)
+            argv += ["--resume-from", str(request.resume)]
+        elif request.checkpoint is not None:  # a new training from these weights (mmcv's load_from)
+            options.append(f"load_from={request.checkpoint}")
     extra = list(request.extra_args)
     if "--cfg-options" in extra:  # merge the user's overrides into ours (argparse keeps only the last flag)
         at = extra.index("--cfg-options")
@@ -124,4 +155,5 @@ SPEC = ModelSpec(
     references="fbocc/reference.json",
     pictures="bevkit.models.fbocc.pictures",
     checkpoints=((RESNET50, "model.img_backbone.pretrained"), (DEPTH_PRETRAIN, "load_from")),
+    checkpoint_format=CHECKPOINT_FORMAT,
 )

@@ -198,10 +198,24 @@ def propagate_shared(cfg) -> List[str]:
 
 
 def add_timing_hook(cfg) -> None:
+    """The kit's hooks: step timing (bevkit.timing.mmcv_hook) and the resume state (bevkit.models.fbocc.resume;
+    VERY_LOW: after the EMA hook has built its model)."""
     hooks = list(cfg.get("custom_hooks") or [])
-    if not any(h.get("type") == "BevkitTimingHook" for h in hooks):
-        hooks.append(dict(type="BevkitTimingHook", priority="NORMAL"))
+    for kind, priority in (("BevkitTimingHook", "NORMAL"), ("BevkitResumeHook", "VERY_LOW")):
+        if not any(h.get("type") == kind for h in hooks):
+            hooks.append(dict(type=kind, priority=priority))
     cfg.custom_hooks = hooks
+
+
+def foreach_optimizer(cfg) -> bool:
+    """AdamW with ``foreach=True`` (the DrivingSDK port's setting): one multi-tensor kernel per update step instead
+    of a loop over the ~70 M parameters' tensors, the same arithmetic (bit-identical updates; test_fbocc_unit.py).
+    A ``foreach`` you set (e.g. ``--cfg-options optimizer.foreach=False``) is kept. Returns whether it was set."""
+    optimizer = cfg.get("optimizer")
+    if not optimizer or optimizer.get("type") != "AdamW" or "foreach" in optimizer:
+        return False
+    optimizer["foreach"] = True
+    return True
 
 
 def finalize(cfg) -> None:
@@ -209,6 +223,7 @@ def finalize(cfg) -> None:
     rebase_data_paths(cfg)
     propagate_shared(cfg)
     device_policy(cfg, run_device(), int(os.environ.get("WORLD_SIZE", "1")))
+    foreach_optimizer(cfg)
     workers = env.get_int("BEVKIT_WORKERS")
     if workers is not None:
         cfg.data.workers_per_gpu = workers

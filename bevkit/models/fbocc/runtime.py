@@ -84,6 +84,7 @@ class FBOCCRuntime(ModelRuntime):
         _stub_bev_pool_ext(device)
 
     def finish(self, device: RunDevice) -> None:
+        import bevkit.models.fbocc.resume  # noqa: F401  (registers BevkitResumeHook with mmcv's HOOKS)
         import bevkit.timing.mmcv_hook  # noqa: F401  (registers BevkitTimingHook with mmcv's HOOKS)
 
         if device.memory == "npu":

@@ -6,8 +6,13 @@ devices it applies to; the code lives by concern:
 - :mod:`.device`: device portability (placement, DDP wrappers, process group, 'cuda' tensors, autocast, SyncBN);
 - :mod:`.ops`: operators through bevkit.ops;
 - :mod:`.losses`: the occupancy losses (focal loss, NaN/Inf cleaning, which is exact and applies everywhere);
+- :mod:`.checkpoints`: resume with the full training state, the checked checkpoint compared with the built model,
+  FB-BEV's own checkpoint load through the kit's weights_only loader;
 - :mod:`.npu`: rank <= 6 matmul rewrites and the Conv3d shortcut rewrite, NPU only (needed there; on CPU/CUDA
   the upstream code is already right and the rewrite measured no faster, see fbocc/README.md);
+- :mod:`.speed`: the DrivingSDK port's speed techniques (fused add+relu and the stem max-pool in the ResNets,
+  trilinear resizing on reversed axes, masked_select for boolean-mask indexing; NPU only) and pinned dataloader
+  memory (NPU and CUDA); the port's npu_batch_matmul is 'fbocc-npu-batch-matmul' on :mod:`.npu`'s matvec;
 - :func:`bevkit.models.fbocc.results.record_on_evaluate`: the mIoU into metrics.json;
 - :func:`bevkit.models.fbocc.pictures.dump_on_evaluate_occupancy`: a few evaluated samples for the pictures.
 
@@ -17,11 +22,16 @@ not a patch: it is a visible line in tools/train.py and tools/test.py (:func:`be
 """
 from __future__ import annotations
 
+from bevkit.models.fbocc.patches.checkpoints import _checked_load, _resume, _torch_safe_load
 from bevkit.models.fbocc.patches.device import (_autocast_for_device, _build_model, _current_device, _ddp_factory,
                                                 _dp_factory, _init_dist_pytorch, _module_cuda,
                                                 _torch_with_run_device, _with_device)
 from bevkit.models.fbocc.patches.losses import _focal_forward, _focal_init, _loss_voxel
-from bevkit.models.fbocc.patches.npu import _cam2ego_coor, _conv1x1x1, _lidar_coor, _point_sampling
+from bevkit.models.fbocc.patches.npu import _batch_matvec, _cam2ego_coor, _conv1x1x1, _lidar_coor, _point_sampling
+from bevkit.data import jpeg
+from bevkit.models.fbocc.patches.speed import (_basic_block3d_forward, _basic_block_forward, _bottleneck3d_forward,
+                                               _bottleneck_forward, _functional_trilinear_reversed, _jpeg_draft,
+                                               _masked_select_indexing, _pinned_dataloader, _stem_layer)
 from bevkit.models.fbocc.patches.ops import _bev_pool, _da_msda_forward, _functional_with_ops, _msda_pytorch
 from bevkit.models.fbocc.pictures import dump_on_evaluate_occupancy
 from bevkit.models.fbocc.results import record_on_evaluate
@@ -35,7 +45,11 @@ ENCODER = f"{BEVFORMER}.bevformer_encoder"
 DETECTOR = f"{FB}.detectors.fbocc"
 FOCAL = f"{FB}.modules.occ_loss_utils.focal_loss"
 SAMPLER = "mmdet3d.datasets.samplers.infinite_group_each_sample_in_batch_sampler"
+RESNET = "mmdet.models.backbones.resnet"
+RESNET3D = f"{FB}.modules.resnet3d"
 NO_CUDA = ("npu", "cpu")
+NPU = ("npu",)
+ACCELERATORS = ("npu", "cuda")
 
 PATCHES = PatchSet("fbocc", [
     # --- build -----------------------------------------------------------------------------------
@@ -119,6 +133,56 @@ PATCHES = PatchSet("fbocc", [
     RuntimePatch("fbocc-occ-loss-nan", f"{FB}.heads.occupancy_head:OccHead.loss_voxel", _loss_voxel,
                  why="Clear NaN/Inf logits with nan_to_num (exact, no host sync); the NPU port's multiply-by-"
                      "mask kept NaN."),
+    # --- checkpoints -----------------------------------------------------------------------------
+    RuntimePatch("fbocc-resume", "mmcv.runner:IterBasedRunner.resume", _resume,
+                 why="--resume: mmcv maps the checkpoint to 'cuda', resumes one iteration short (it records the "
+                     "0-based iteration) and drops the fp16 loss scaler; load on the CPU, count completed "
+                     "iterations, keep the scaler, hand EMA and RNG state to BevkitResumeHook."),
+    RuntimePatch("fbocc-checkpoint-complete", "mmcv.runner:load_checkpoint", _checked_load,
+                 why="tools/test.py loads the evaluated weights with strict=False (a wrong file evaluates random "
+                     "weights): the checkpoint the launcher checked is compared key by key with the model first."),
+    RuntimePatch("fbocc-checkpoint-complete-runner", "mmcv.runner.base_runner:load_checkpoint", _checked_load,
+                 why="The same check for runner.load_checkpoint (load_from: --checkpoint on training; resume)."),
+    RuntimePatch("fbocc-ema-weights-only", "mmdet3d.core.hook.ema:torch", _torch_safe_load,
+                 why="MEGVIIEMAHook(resume=...) reads an EMA file with a bare torch.load: through the kit's "
+                     "weights_only loader (bevkit.torch_load)."),
+    # --- speed: the DrivingSDK port's techniques, exact in maths ------------------------------------
+    RuntimePatch("fbocc-npu-batch-matmul", "bevkit.models.fbocc.patches.npu:matvec", _batch_matvec, devices=NPU,
+                 why="The 3x3 matrix-times-vector products of the rank <= 6 rewrites as mx_driving.npu_batch_matmul "
+                     "(multiply and sum on the vector unit), as the port's BatchMatmul patch does for torch.matmul."),
+    RuntimePatch("fbocc-resnet-add-relu", f"{RESNET}:BasicBlock.forward", _basic_block_forward, devices=NPU,
+                 why="Image backbone blocks end with mx_driving.npu_add_relu (fused shortcut add + relu); with_cp "
+                     "kept."),
+    RuntimePatch("fbocc-resnet-bottleneck-add-relu", f"{RESNET}:Bottleneck.forward", _bottleneck_forward,
+                 devices=NPU, why="The same for the ResNet-50 bottleneck blocks of the reference recipe."),
+    RuntimePatch("fbocc-resnet-stem-maxpool", f"{RESNET}:ResNet._make_stem_layer", _stem_layer, devices=NPU,
+                 why="The stem max-pool runs mx_driving.npu_max_pool2d when no gradient is needed (evaluation; the "
+                     "op has no backward)."),
+    RuntimePatch("fbocc-resnet3d-add-relu", f"{RESNET3D}:BasicBlock.forward", _basic_block3d_forward, devices=NPU,
+                 why="The 3-D BEV encoder's blocks end with mx_driving.npu_add_relu (dense branch)."),
+    RuntimePatch("fbocc-resnet3d-bottleneck-add-relu", f"{RESNET3D}:Bottleneck.forward", _bottleneck3d_forward,
+                 devices=NPU, why="The same for the 3-D bottleneck blocks."),
+    RuntimePatch("fbocc-fpn3d-trilinear-axes", f"{FB}.modules.fpn3d:F", _functional_trilinear_reversed,
+                 devices=NPU, why="FPN3D's trilinear upsampling on reversed spatial axes (faster "
+                                  "aclnnUpsampleTrilinear, same taps)."),
+    RuntimePatch("fbocc-occ-head-trilinear-axes", f"{FB}.heads.occupancy_head:F", _functional_trilinear_reversed,
+                 devices=NPU, why="OccHead.forward_coarse_voxel's trilinear upsampling, the same way."),
+    RuntimePatch("fbocc-masked-select-prepare", f"{VT}:LSSViewTransformerFunction3D.voxel_pooling_prepare_v2",
+                 _masked_select_indexing, devices=NPU,
+                 why="Boolean-mask indexing of the frustum points as torch.masked_select (one NPU op)."),
+    RuntimePatch("fbocc-masked-select-prepare-2d", f"{VT}:LSSViewTransformerFunction.voxel_pooling_prepare_v2",
+                 _masked_select_indexing, devices=NPU, why="The same in the 2-D LSS view transformer."),
+    RuntimePatch("fbocc-masked-select-depth-loss", f"{FB}.modules.depth_net:CM_DepthNet.get_depth_loss",
+                 _masked_select_indexing, devices=NPU,
+                 why="The depth loss's foreground selection as torch.masked_select."),
+    RuntimePatch("fbocc-pin-memory", "mmdet3d.datasets.builder:DataLoader", _pinned_dataloader,
+                 devices=ACCELERATORS,
+                 why="build_dataloader hard-codes pin_memory=False; pinned batches copy to the accelerator "
+                     "asynchronously (the port sets True)."),
+    RuntimePatch("fbocc-jpeg-draft", "mmdet3d.datasets.pipelines.loading:PrepareImageInputs.img_transform_core",
+                 _jpeg_draft, enabled=jpeg.enabled,
+                 why="opt-in (BEVKIT_JPEG_DRAFT=1): decode camera JPEGs at the DCT scale the resize needs (PIL draft "
+                     "mode): faster loading, slightly different pixels."),
     # --- results ----------------------------------------------------------------------------------
     RuntimePatch("fbocc-metrics-json", "mmdet3d.datasets.nuscenes_dataset:NuScenesDataset.evaluate",
                  record_on_evaluate,

@@ -1,9 +1,18 @@
 """FB-OCC rewrites for the NPU's limits: every matmul at rank <= 6 (upstream broadcasts 4x4 / 3x3 matrices over
 rank-7 tensors) and the stride-2 1x1x1 Conv3d shortcut as a stride-1 conv on a strided slice. The same maths as
-upstream (float64 parity tests in test/fbocc_checks.py); applied on NPU only."""
+upstream (float64 parity tests in test/fbocc_checks.py); applied on NPU only.
+
+The matrix-times-vector products of the rewrites go through :data:`matvec`: ``torch.matmul`` unless the patch
+'fbocc-npu-batch-matmul' binds it to ``bevkit.ops.batch_matvec`` (``mx_driving.npu_batch_matmul``: multiply and
+sum on the vector unit, the DrivingSDK port's BatchMatmul patch)."""
 from __future__ import annotations
 
 import functools
+
+
+def matvec(mat, vec):
+    """mat [..., n, n] @ vec [..., n, 1] (the rewrites' rotations and projections)."""
+    return mat.matmul(vec)
 
 
 def lidar_coor_rank6(self, rots, trans, cam2imgs, post_rots, post_trans, bda):
@@ -19,12 +28,12 @@ def lidar_coor_rank6(self, rots, trans, cam2imgs, post_rots, post_trans, bda):
     D, H, W, _ = self.frustum.shape
     bn = B * N
     points = self.frustum.to(rots)[None] - post_trans.reshape(bn, 1, 1, 1, 3)
-    points = torch.inverse(post_rots).reshape(bn, 1, 1, 1, 3, 3).matmul(points.unsqueeze(-1))
+    points = matvec(torch.inverse(post_rots).reshape(bn, 1, 1, 1, 3, 3), points.unsqueeze(-1))
     points = torch.cat((points[..., :2, :] * points[..., 2:3, :], points[..., 2:3, :]), -2)
     combine = rots.matmul(torch.inverse(cam2imgs)).reshape(bn, 1, 1, 1, 3, 3)
-    points = combine.matmul(points).squeeze(-1) + trans.reshape(bn, 1, 1, 1, 3)
+    points = matvec(combine, points).squeeze(-1) + trans.reshape(bn, 1, 1, 1, 3)
     points = points.reshape(B, N * D, H, W, 3, 1)
-    points = bda.reshape(B, 1, 1, 1, 3, 3).matmul(points).squeeze(-1)
+    points = matvec(bda.reshape(B, 1, 1, 1, 3, 3), points).squeeze(-1)
     return points.reshape(B, N, D, H, W, 3)
 
 
@@ -82,14 +91,14 @@ def point_sampling_rank6(self, reference_points, pc_range, img_metas, cam_params
     eps = 1e-5
     ogfH, ogfW = self.final_dim
     H, W, Z, _ = reference_points.shape
-    ref = torch.inverse(bda).reshape(B, 1, 1, 3, 3).matmul(
-        reference_points.reshape(1, H * W, Z, 3, 1)).squeeze(-1)                     # B, HW, Z, 3
+    ref = matvec(torch.inverse(bda).reshape(B, 1, 1, 3, 3),
+                 reference_points.reshape(1, H * W, Z, 3, 1)).squeeze(-1)                # B, HW, Z, 3
     ref = ref[:, None] - trans.reshape(B, N, 1, 1, 3)                                  # B, N, HW, Z, 3
     combine = rots.matmul(torch.inverse(intrins)).inverse().reshape(B * N, 1, 1, 3, 3)
-    cam = combine.matmul(ref.reshape(B * N, H * W, Z, 3, 1)).squeeze(-1)               # BN, HW, Z, 3
+    cam = matvec(combine, ref.reshape(B * N, H * W, Z, 3, 1)).squeeze(-1)              # BN, HW, Z, 3
     cam = torch.cat([cam[..., 0:2] / torch.maximum(cam[..., 2:3], torch.ones_like(cam[..., 2:3]) * eps),
                      cam[..., 2:3]], -1)
-    cam = post_rots.reshape(B * N, 1, 1, 3, 3).matmul(cam.unsqueeze(-1)).squeeze(-1)
+    cam = matvec(post_rots.reshape(B * N, 1, 1, 3, 3), cam.unsqueeze(-1)).squeeze(-1)
     cam = cam + post_trans.reshape(B * N, 1, 1, 3)
     scale = cam.new_tensor([1.0 / ogfW, 1.0 / ogfH, 1.0])
     cam = cam * scale
@@ -134,3 +143,10 @@ def _conv1x1x1(original):
 
     return conv1x1x1
 
+
+
+def _batch_matvec(original):
+    """matvec -> bevkit.ops.batch_matvec (mx_driving.npu_batch_matmul on NPU, torch.matmul elsewhere)."""
+    from bevkit.ops import batch_matvec
+
+    return batch_matvec
