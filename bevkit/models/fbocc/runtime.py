@@ -81,6 +81,11 @@ class FBOCCRuntime(ModelRuntime):
         from bevkit import compat
 
         compat.prepare_imports()
+        # FB-BEV imports spconv.pytorch unconditionally; the npu profile has no spconv: mx_driving stands in
+        # (a no-op where the real spconv imports; one clear ImportError where neither does)
+        from bevkit.ops.sparse import install_spconv_shim
+
+        install_spconv_shim()
         _stub_bev_pool_ext(device)
 
     def finish(self, device: RunDevice) -> None:
