@@ -154,8 +154,9 @@ def _child(fbbev, shim: bool, tmp_path):
 
 def test_fbbev_imports_spconv_from_the_shim_without_spconv(fbbev_checkout, tmp_path):
     pytest.importorskip("mmcv")
+    # the fbocc runtime installs the shim itself where spconv does not import (the npu profile hit this: issue 11)
     without = _child(fbbev_checkout, False, tmp_path)
-    assert not without["ok"] and "spconv" in without["error"]  # what the npu profile hit (issue 11)
+    assert without["ok"] and without["names"]["SubMConv3d"], without
     res = _child(fbbev_checkout, True, tmp_path)
     assert res["ok"], res
     assert res["names"] == {"SubMConv3d": True, "SparseConv3d": True, "SparseSequential": True}
