@@ -131,6 +131,18 @@ fail() {
   exit 1
 }
 
+# Ctrl-C or a kill: one line instead of tracebacks and pip's log. Steps are stamped only when they finish, so a
+# rerun continues from the step that was stopped. The trap may run inside a step whose output goes to the log:
+# it writes to setup.sh's own stderr, kept as fd 3.
+exec 3>&2
+interrupted() {
+  trap - INT TERM
+  echo "setup.sh: interrupted; nothing finished was lost: run the same command again to continue where it stopped" >&3
+  exit "$1"
+}
+trap 'interrupted 130' INT
+trap 'interrupted 143' TERM
+
 # A step runs its command unless the stamp of its inputs matches (a second run skips it).
 STEP_FILES=()  # extra files a step depends on without naming them in its command (reset by each step)
 STEP_HINT=""   # what to tell the user if the step fails (reset by each step)

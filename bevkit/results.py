@@ -24,13 +24,13 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 from collections.abc import Mapping as MappingABC
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from bevkit import __version__, env
+from bevkit.fileio import atomic_write_bytes
 from bevkit.registry import all_specs, get_spec
 from bevkit.provenance import collect_versions
 
@@ -69,21 +69,8 @@ DEFINITIONS = {
 
 # ------------------------------------------------------------------------------------------ writing
 def atomic_write_text(path, text: str) -> Path:
-    """Write a file so that readers see the old content or the new one, never a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write a file so that readers see the old content or the new one, never a torn file (umask applies)."""
+    return atomic_write_bytes(path, text.encode("utf-8"), fsync=True)
 
 
 def atomic_write_json(path, obj: Any) -> Path:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import lzma
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -349,11 +351,33 @@ def _inspect(up: Upstream, dest: Path) -> Tuple[UpstreamStatus, List[Path], List
     st.state = "dirty"
     changed = _changed_files(dest, trees[-1], current)
     shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+    where = "" if dest == checkout_dir(up) else f" --upstream-dir {dest.parent}"
     st.problems.append((
         f"{dest} has changes that are not the kit's patches: {shown}",
-        f"keep your changes elsewhere (git -C {dest} diff > my.patch), restore the files with "
-        f"`git -C {dest} checkout -- .` (and remove files the patches add), then rerun setup.sh"))
+        f"save them with `tools/upstream{where} diff {up.name} > my.patch` (only your changes, against the "
+        f"kit-patched state; a plain `git diff` would also hold the kit's patch), restore the files with "
+        f"`git -C {dest} checkout -- .` (and remove files the patches add), rerun setup.sh, then "
+        f"`git -C {dest} apply my.patch` puts your changes back"))
     return st, files, trees
+
+
+def local_diff(name: Union[str, Upstream], dest: Optional[Path] = None) -> bytes:
+    """Your changes in a checkout as a patch against the kit-patched state (pinned commit + every kit patch):
+    tracked files and the files the kit patches add; ``git apply`` puts them back on a fresh checkout."""
+    up = get(name)
+    dest = Path(dest) if dest else checkout_dir(up)
+    if not (dest / ".git").exists():
+        raise UpstreamError(f"{dest} is not a git checkout of {up.name}")
+    patched = _expected_trees(dest, "HEAD", patch_files(up))[-1]
+    with tempfile.TemporaryDirectory(prefix="bevkit-index-") as tmp:
+        env = dict(os.environ, GIT_INDEX_FILE=os.path.join(tmp, "index"), LC_ALL="C")
+        _git(["read-tree", patched], cwd=dest, env=env)
+        # bytes, not text: FB-BEV has CRLF files, and the patch must keep them
+        proc = subprocess.run(["git", "-c", "core.autocrlf=false", "diff", "--binary"], cwd=str(dest), env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if proc.returncode != 0:
+        raise UpstreamError(f"git diff failed in {dest}: {proc.stderr.decode(errors='replace').strip()}")
+    return proc.stdout
 
 
 def status(name: Union[str, Upstream], dest: Optional[Path] = None) -> UpstreamStatus:
@@ -366,15 +390,31 @@ def status(name: Union[str, Upstream], dest: Optional[Path] = None) -> UpstreamS
 # ------------------------------------------------------------------------------------------ materialize
 
 def _safe_extract(archive: Path, out: Path) -> None:
-    with tarfile.open(archive) as tar:
-        if hasattr(tarfile, "data_filter"):
-            tar.extractall(out, filter="tar")  # refuses members that would land outside ``out``
-        else:  # Python without extraction filters: refuse paths that escape
+    """Extract a tarball into ``out``; a damaged tarball or a member that would land outside ``out`` (``../``,
+    absolute paths, links out) is refused with one message naming the tarball."""
+    try:
+        with tarfile.open(archive) as tar:
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(out, filter="tar")  # refuses members that would land outside ``out``
+                return
+            # Python without extraction filters: refuse paths that escape
+            base = str(out.resolve())
             for member in tar.getmembers():
-                target = (out / member.name).resolve()
-                if not str(target).startswith(str(out.resolve())):
-                    raise UpstreamError(f"{archive}: member {member.name!r} would extract outside the folder")
+                target = str((out / member.name).resolve())
+                if os.path.commonpath([base, target]) != base:
+                    raise UpstreamError(f"{archive}: refused: member {member.name!r} would be written outside the "
+                                        f"extraction folder (an unsafe tarball); make one with `tar -C DIR -czf "
+                                        f"FILE.tar.gz .` from a clone or bare git dir")
             tar.extractall(out)
+    except UpstreamError:
+        raise
+    except getattr(tarfile, "FilterError", ()) as e:
+        raise UpstreamError(f"{archive}: refused: member {e.tarinfo.name!r} would be written outside the extraction "
+                            f"folder ({type(e).__name__}: an unsafe tarball); make one with `tar -C DIR -czf "
+                            f"FILE.tar.gz .` from a clone or bare git dir") from None
+    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as e:
+        raise UpstreamError(f"{archive}: the tarball is truncated or damaged ({type(e).__name__}: {e}); download or "
+                            f"copy it again") from None
 
 
 def _single_root(folder: Path) -> Path:
@@ -421,7 +461,12 @@ def _clone(src: str, tmp: Path, up: Upstream, what: str) -> None:
 def _fetch_into(src: str, tmp: Path, up: Upstream, log: Callable[[str], None]) -> None:
     path = Path(src).expanduser()
     if path.is_file():
-        if not tarfile.is_tarfile(str(path)):
+        try:
+            is_tar = tarfile.is_tarfile(str(path))
+        except (EOFError, zlib.error, lzma.LZMAError, OSError) as e:  # cut inside the first block
+            raise UpstreamError(f"{src}: the tarball is truncated or damaged ({type(e).__name__}: {e}); download "
+                                f"or copy it again") from None
+        if not is_tar:
             raise UpstreamError(f"{src} is a file but not a tarball; {up.src_env} must name a clone, "
                                 f"a bare git dir or a tarball (.tar, .tar.gz, .tgz, .tar.xz)")
         extract = Path(tempfile.mkdtemp(prefix=f".{up.name}.extract-", dir=str(tmp.parent)))
@@ -585,6 +630,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = sub.add_parser("install", help="the upstream's own build step for a profile")
     p.add_argument("name")
     p.add_argument("--profile", required=True, choices=("npu", "cuda", "cpu"))
+    p = sub.add_parser("diff", help="your changes in a checkout against the kit-patched state (> my.patch)")
+    p.add_argument("name")
     p = sub.add_parser("list", help="the registry")
     p = sub.add_parser("pythonpath", help="PYTHONPATH entries for running an upstream from its checkout")
     p.add_argument("name")
@@ -602,6 +649,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.cmd == "install":
             install(args.name, args.profile, checkout_dir(args.name, root))
             return 0
+        if args.cmd == "diff":
+            sys.stdout.flush()
+            sys.stdout.buffer.write(local_diff(args.name, checkout_dir(args.name, root)))
+            return 0
         if args.cmd == "pythonpath":
             print(os.pathsep.join(str(p) for p in pythonpath(args.name, checkout_dir(args.name, root))))
             return 0
@@ -612,6 +663,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (UpstreamError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a half-made checkout was removed; setup.sh says what to do
+        return 130
 
 
 if __name__ == "__main__":

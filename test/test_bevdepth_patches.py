@@ -4,6 +4,7 @@ patches match the upstream formulation in float64 on CPU."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import types
@@ -479,8 +480,8 @@ def test_loader_benchmark_prints_every_variant(bd, bevdepth_data, capsys):
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    rates = {line.split()[0]: float(line.split()[2]) for line in out.splitlines()
-             if line.split() and line.split()[0] in bench_data.MODES}
+    rows = [re.fullmatch(r"(\S+) +([\d.]+) +([\d.]+) +x[\d.]+", line) for line in out.splitlines()]
+    rates = {row[1]: float(row[3]) for row in rows if row}  # the table: mode, wall rate, CPU rate, speed-up
     assert set(rates) == set(bench_data.MODES) and all(r > 0 for r in rates.values()), out
     assert "PSNR" in out and "over 6 images" in out and "kit CPU time by function" in out
     assert out.count("load average") == 2

@@ -67,7 +67,12 @@ def test_truncated_lidar_file(prepared):
 
 def test_corrupt_image(prepared):
     img = _first_file(prepared, 'samples/CAM_BACK', '*.jpg')
-    replace_bytes(img, img.read_bytes()[:200])
+    whole = img.read_bytes()
+    replace_bytes(img, whole[:200])  # cut: found by the default check, which reads every file's last bytes
+    for full in (False, True):
+        problems = V.validate('fbocc', prepared, full=full)
+        assert [p for p in problems if p.path == str(img) and 'truncated image' in p.message]
+    replace_bytes(img, whole[:200] + bytes(len(whole) - 202) + whole[-2:])  # both markers, damaged inside
     problems = V.validate('fbocc', prepared, full=True)
     assert [p for p in problems if p.path == str(img) and 'unreadable' in p.message]
 
@@ -90,8 +95,9 @@ def test_occ_labels_with_wrong_shape(prepared):
     np.savez_compressed(buf, semantics=np.zeros((200, 200, 8), np.uint8),
                         mask_lidar=np.zeros(OCC_SHAPE, np.uint8), mask_camera=np.zeros(OCC_SHAPE, np.uint8))
     replace_bytes(npz, buf.getvalue())
-    hit = [p for p in V.validate('fbocc', prepared, full=True) if p.path == str(npz)]
-    assert hit and 'shape' in hit[0].message
+    for full in (False, True):  # the default check reads the zip directory of every file: sizes tell
+        hit = [p for p in V.validate('fbocc', prepared, full=full) if p.path == str(npz)]
+        assert hit and str(OCC_SHAPE) in hit[0].message
 
 
 def test_info_pickle_in_new_mmdet3d_format(prepared):
@@ -173,7 +179,7 @@ def test_many_problems_of_one_kind_are_summarised(prepared):
     problems = V.validate('fbocc', prepared, full=True)
     missing = [p for p in problems if p.message.startswith('missing file')]
     assert len(missing) == V.MAX_PER_KIND
-    assert [p for p in problems if p.path == '(more)' and 'missing file' in p.message]
+    assert [p for p in problems if p.path == '(more)' and 'missing sensor file' in p.message]
 
 
 def test_cli_exit_codes(prepared, capsys):
@@ -210,19 +216,27 @@ def test_missing_devkit_is_a_problem_not_a_crash(root, monkeypatch):
 
 
 @pytest.mark.parametrize('stored, expected', [
-    (lambda data, p: 'runs/synthetic-nuscenes/' + p.split('/samples/', 1)[1], 'relative path'),
-    (lambda data, p: p.replace(str(data), str(data) + '-moved'), 'does not exist'),
+    (lambda data, p: 'runs/synthetic-nuscenes/' + p, 'made for another layout'),
+    (lambda data, p: str(data) + '-moved/' + p, 'point outside the data root'),
+    (lambda data, p: '../elsewhere/' + p, 'point outside the data root'),
+    (lambda data, p: str(data) + '/' + p, None),  # absolute inside the root (an older kit's preparation): fine
 ])
-def test_fbocc_infos_must_hold_paths_training_can_open(prepared, stored, expected):
-    """FB-OCC opens lidar_path/data_path as stored, from the FB-BEV checkout: a path relative to some other
-    folder, or one made for another data root, must be caught before training (not in a dataloader worker)."""
+def test_fbocc_infos_must_hold_paths_in_the_data_root(prepared, stored, expected):
+    """FB-OCC opens lidar_path/data_path joined with the data root: a path made for another layout, or one that
+    points outside the data root (training would read another copy), is caught before training."""
     path = prepared / 'bevdetv2-nuscenes_infos_train.pkl'
     with open(path, 'rb') as f:
         obj = pickle.load(f)
+    assert all(not info['lidar_path'].startswith('/') for info in obj['infos'])  # the kit writes relative paths
     for info in obj['infos']:
         info['lidar_path'] = stored(prepared, info['lidar_path'])
     with open(path, 'wb') as f:
         pickle.dump(obj, f)
     problems = [p for p in V.validate('fbocc', prepared) if p.path == str(path)]
+    if expected is None:
+        assert problems == []
+        return
     assert problems and expected in problems[0].message and '--force' in problems[0].fix
+    if 'outside' in expected:  # one line for the file, naming the first such entry
+        assert len(problems) == 1 and obj['infos'][0]['lidar_path'] in problems[0].message
     assert V.validate('bevdepth', prepared) == []  # BEVDepth's infos are untouched

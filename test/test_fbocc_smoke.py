@@ -26,7 +26,8 @@ def test_smoke_script_trains_and_evaluates(fbbev_checkout, tmp_path_factory, tmp
     from bevkit.data.testing import dataset, hardlink_copy
 
     source = dataset(tmp_path_factory, image_size=(1600, 900), train_scenes=2, val_scenes=2, samples_per_scene=6)
-    data_root = hardlink_copy(source, tmp_path / "nuscenes")
+    # a comma and a space: mmcv's --cfg-options parser split such a path (YapfError: invalid syntax, issue 12)
+    data_root = hardlink_copy(source, tmp_path / "nu,scenes copy")
     env = dict(os.environ, BEVKIT_PYTHON=sys.executable, FBBEV_ROOT=str(fbbev_checkout),
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     env.pop("BEVKIT_EMULATE_DEVICE", None)

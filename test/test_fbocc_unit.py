@@ -29,7 +29,7 @@ def test_spec_train_argv(tmp_path):
     assert argv[1].endswith("fbocc/configs/fbocc_r50_8p.py") and Path(argv[1]).is_file()
     assert argv[argv.index("--launcher") + 1] == "pytorch"
     assert argv[argv.index("--work-dir") + 1] == str(tmp_path / "run")
-    assert argv[argv.index("--cfg-options") + 1] == f"data_root={tmp_path / 'nus'}/"
+    assert "--cfg-options" not in argv  # the data root goes through BEVKIT_DATA_ROOT (test_bad_inputs: commas)
     assert spec.batch_per_device(_request("full", tmp_path)) == 4
     assert spec.batch_per_device(_request("smoke", tmp_path)) == 1
 
@@ -44,7 +44,9 @@ def test_spec_eval_needs_checkpoint_and_merges_cfg_options(tmp_path):
     assert argv[argv.index("--eval") + 1] == "mIoU"
     assert argv.count("--cfg-options") == 1  # argparse would keep only the last one
     opts = argv[argv.index("--cfg-options") + 1:argv.index("--seed")]
-    assert opts == [f"data_root={tmp_path / 'nus'}/", "sync_bn=True"]
+    assert opts == ["sync_bn=True"]
+    with pytest.raises(ValueError, match="--data-root"):
+        spec.build_entry(_request("full", tmp_path, extra_args=("--cfg-options", "data_root=/elsewhere/")))
 
 
 def test_spec_custom_config_batch(tmp_path):
@@ -253,7 +255,7 @@ def test_8p_scripts_dry_run_the_npu_command(script, mode, entry, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     command = proc.stdout
     assert "--nproc_per_node=8" in command and entry in command and "--launcher pytorch" in command
-    assert f"data_root={tmp_path}/" in command and "BEVKIT_DEVICE=npu" in command
+    assert f"BEVKIT_DATA_ROOT={tmp_path}" in command and "BEVKIT_DEVICE=npu" in command
     assert "fbocc_r50_8p" in command
     assert not any(tmp_path.iterdir())  # a dry run creates nothing
 
@@ -329,7 +331,7 @@ def test_prepare_sets_stale_infos_aside_and_recreates_them(tmp_path_factory, tmp
     train = prepare.info_path(data, "train")
     obj = pickle.loads(train.read_bytes())
     for info in obj["infos"]:
-        info["lidar_path"] = "runs/elsewhere/" + info["lidar_path"].split("/samples/", 1)[1]
+        info["lidar_path"] = "runs/elsewhere/" + info["lidar_path"]
     train.write_bytes(pickle.dumps(obj))
     stale_bytes = train.read_bytes()
 
@@ -341,6 +343,30 @@ def test_prepare_sets_stale_infos_aside_and_recreates_them(tmp_path_factory, tmp
 
     assert prepare.main([str(data), "--fbbev", str(fbbev), "--no-checkpoints"]) == 0
     assert recreated == [data]  # usable infos are not recreated
+
+
+def test_prepare_stores_info_paths_relative_to_the_data_root(tmp_path):
+    """Upstream's converter writes absolute paths (DATA_ROOT joined with the file name); the kit rewrites those
+    inside DATA_ROOT relative to it, so a copied or moved root reads its own files. Paths elsewhere are kept
+    (the data check refuses them, naming the first); the file is rewritten only when something changed."""
+    from bevkit.models.fbocc import prepare
+
+    data = tmp_path / "nu,scenes"
+    data.mkdir()
+    cam = {"data_path": f"{data}/samples/CAM_FRONT/a.jpg", "type": "CAM_FRONT"}
+    infos = {"infos": [{"token": "t0", "lidar_path": f"{data}/samples/LIDAR_TOP/a.pcd.bin", "cams": {"CAM_FRONT": cam},
+                        "sweeps": [{"data_path": "/elsewhere/sweeps/LIDAR_TOP/b.pcd.bin"}],
+                        "occ_path": "./data/nuscenes/gts/scene-0001/t0"}], "metadata": {"version": "v1.0"}}
+    path = prepare.info_path(data, "train")
+    path.write_bytes(pickle.dumps(infos))
+    assert prepare.relativize_infos(path, data) == 2
+    info = pickle.loads(path.read_bytes())["infos"][0]
+    assert info["lidar_path"] == "samples/LIDAR_TOP/a.pcd.bin"
+    assert info["cams"]["CAM_FRONT"]["data_path"] == "samples/CAM_FRONT/a.jpg"
+    assert info["sweeps"][0]["data_path"] == "/elsewhere/sweeps/LIDAR_TOP/b.pcd.bin"
+    assert info["occ_path"] == "./data/nuscenes/gts/scene-0001/t0"
+    mtime = path.stat().st_mtime_ns
+    assert prepare.relativize_infos(path, data) == 0 and path.stat().st_mtime_ns == mtime
 
 
 def test_demo_trains_the_demo_config_with_its_own_batch(tmp_path):
@@ -358,6 +384,8 @@ def test_demo_trains_the_demo_config_with_its_own_batch(tmp_path):
         expected = fbocc._samples_per_gpu(demo)
     assert spec.batch_per_device(_request("demo", tmp_path)) == expected
     assert spec.smoke_eval_checkpoint == "latest.pth" and spec.pictures and spec.gates()["demo"]["checks"]
+
+
 def test_adamw_foreach_is_set_and_updates_bit_identically():
     """The port's AdamW(foreach=True): set by finalize unless the config says otherwise; the multi-tensor update is
     the same arithmetic as the per-tensor loop (float64 and float32 parameters, five steps: equal bit for bit)."""

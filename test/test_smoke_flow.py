@@ -63,8 +63,22 @@ def test_generates_prepares_trains_then_evaluates(monkeypatch, flow, tmp_path):
 
 def test_given_data_root_is_never_generated_and_self_evaluating_models_launch_once(monkeypatch, flow, tmp_path):
     monkeypatch.setattr(smoke, "load_spec", lambda model, ref: _spec(None))
+    (tmp_path / "mine").mkdir()
     rc = smoke.run(_request(data_root=tmp_path / "mine"), flow["launch_once"])
     assert rc == 0 and flow["generated"] == [] and len(flow["launches"]) == 1
+
+
+@pytest.mark.parametrize("make, message", [(lambda p: p.write_text("x"), "is a file, not a folder"),
+                                           (lambda p: None, "does not exist")])
+def test_a_given_data_root_that_is_no_folder_is_refused_before_preparation(monkeypatch, flow, tmp_path, make,
+                                                                           message):
+    from bevkit.launch.request import LaunchError
+
+    monkeypatch.setattr(smoke, "load_spec", lambda model, ref: _spec("latest.pth"))
+    make(tmp_path / "mine")
+    with pytest.raises(LaunchError, match=message):
+        smoke.run(_request(data_root=tmp_path / "mine"), flow["launch_once"])
+    assert flow["prepared"] == [] and flow["launches"] == []
 
 
 def test_failures_stop_the_flow(monkeypatch, flow, tmp_path):
@@ -110,6 +124,7 @@ def test_demo_generates_its_own_data_trains_the_demo_config_evaluates_then_gates
 def test_demo_verdict_is_the_exit_status_and_smoke_is_never_gated(monkeypatch, flow, tmp_path):
     monkeypatch.setattr(smoke, "load_spec", lambda model, ref: _spec(None))
     monkeypatch.setattr(smoke, "gate", lambda run_dir: 1)
+    (tmp_path / "d").mkdir()  # a given data root must be a folder (refused before the flow otherwise)
     assert smoke.run(Request(mode="demo", model="toy", data_root=tmp_path / "d"), flow["launch_once"]) == 1
     assert smoke.run(Request(mode="smoke", model="toy", data_root=tmp_path / "d"), flow["launch_once"]) == 0
     assert [r.flow for r in flow["launches"]] == ["demo", "smoke"]

@@ -146,6 +146,41 @@ def test_mmcv_hook_records_and_stops_an_iter_based_runner(tmp_path, monkeypatch)
     assert records[0]["loss"] == pytest.approx(records[0]["losses"]["loss_a"] + records[0]["losses"]["loss_b"])
 
 
+def test_mmcv_hook_stop_is_the_runs_last_iteration_for_every_hook(tmp_path, monkeypatch):
+    """Stopped by BEVKIT_MAX_STEPS, the run ends like one whose schedule was that long: the checkpoint hook
+    (registered before the timing hook, as mmcv's training hooks are) saves latest.pth at the last step. It used
+    not to, and an FB-OCC smoke run with --max-steps 3 had no checkpoint to evaluate."""
+    _prepare_imports()
+    mmcv_runner = pytest.importorskip("mmcv.runner", reason="needs mmcv (full) for the mmcv hook")
+    import logging
+
+    from bevkit.timing.mmcv_hook import BevkitTimingHook
+
+    monkeypatch.setenv("BEVKIT_RUN_DIR", str(tmp_path))
+    monkeypatch.setenv("BEVKIT_MAX_STEPS", "3")
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(3, 1)
+
+        def train_step(self, batch, optimizer, **kwargs):
+            loss = self.linear(batch).pow(2).mean()
+            return {"loss": loss, "log_vars": {"loss": loss.item()}, "num_samples": len(batch)}
+
+    model = Model()
+    runner = mmcv_runner.IterBasedRunner(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+                                         work_dir=str(tmp_path / "work"), logger=logging.getLogger("test_last"),
+                                         max_iters=12)
+    runner.register_optimizer_hook(mmcv_runner.OptimizerHook())
+    runner.register_checkpoint_hook(dict(interval=12, by_epoch=False))  # the tiny smoke config: at the end only
+    runner.register_hook(BevkitTimingHook())
+    runner.run([torch.utils.data.DataLoader([torch.randn(2, 3) for _ in range(4)], batch_size=None)],
+               [("train", 1)])
+    assert runner.iter == 3 and len(read_steps(tmp_path / STEPS_FILE)) == 3
+    assert (tmp_path / "work" / "latest.pth").exists() and (tmp_path / "work" / "iter_3.pth").exists()
+
+
 # ---------------------------------------------------------------------------------------- Lightning
 def test_lightning_callback_records_and_stops(tmp_path, monkeypatch):
     _prepare_imports()

@@ -17,12 +17,13 @@ import argparse
 import os
 import pickle
 import sys
-import tempfile
 from multiprocessing import Pool
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from bevkit.fileio import atomic_write_bytes
 
 DEPTH_GT_DIR = "depth_gt"
 CAMS = ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT")
@@ -71,16 +72,7 @@ def project_lidar(points: np.ndarray, lidar_info: Dict, cam_info: Dict,
 
 
 def write_atomic(path: Path, data: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(np.ascontiguousarray(data, dtype=np.float32).tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, np.ascontiguousarray(data, dtype=np.float32).tobytes())
 
 
 def _image_size(data_root: str, cam: Dict) -> Tuple[int, int]:

@@ -124,3 +124,22 @@ BEVDEPTH_CAM_KEYS = ('sample_token', 'ego_pose', 'timestamp', 'is_key_frame', 'h
                      'filename', 'calibrated_sensor')
 BEVDEPTH_ANN_KEYS = ('category_name', 'num_lidar_pts', 'num_radar_pts', 'translation', 'size',
                      'rotation', 'velocity')
+
+
+# ---- paths inside info files ---------------------------------------------------------------------------
+def in_root(root):
+    """``resolve(stored)`` for one data root: where a path stored in an info file points. A relative path is
+    relative to the data root (what the kit's data preparation writes, so a copied or moved root keeps working);
+    an absolute one must lie inside the root (as given or with its symlinks resolved). None when it points
+    outside the root. The root is resolved once (info files hold hundreds of thousands of paths)."""
+    import os
+
+    base = os.path.normpath(os.path.abspath(str(root)))
+    prefixes = tuple({b.rstrip(os.sep) + os.sep for b in (base, os.path.realpath(base))})
+
+    def resolve(stored):
+        target = os.path.normpath(os.path.join(base, str(stored)))  # an absolute stored path replaces the base
+        return target if target.startswith(prefixes) else None
+
+    return resolve
+

@@ -57,8 +57,9 @@ def _quat_mat(q):
 
 
 def write_fbocc_infos(root: Path, nusc) -> list:
-    """bevdetv2-nuscenes_infos_{train,val}.pkl with the keys FB-BEV's create_data_bevdet.py writes and the
-    absolute paths bevkit.models.fbocc.prepare gives them (values simplified: no boxes; enough for format checks)."""
+    """bevdetv2-nuscenes_infos_{train,val}.pkl with the keys FB-BEV's create_data_bevdet.py writes and the paths
+    relative to the data root that bevkit.models.fbocc.prepare gives them (values simplified: no boxes; enough for
+    format checks)."""
     from nuscenes.utils import splits
     from .schema import CAMERAS, FBOCC_INFO_FILES
     out = []
@@ -78,14 +79,14 @@ def write_fbocc_infos(root: Path, nusc) -> list:
                 cs = nusc.get('calibrated_sensor', sd['calibrated_sensor_token'])
                 ep = nusc.get('ego_pose', sd['ego_pose_token'])
                 cams[cam] = {
-                    'data_path': str(Path(root).resolve() / sd['filename']), 'type': cam,
+                    'data_path': sd['filename'], 'type': cam,
                     'sample_data_token': sd['token'], 'sensor2ego_translation': cs['translation'],
                     'sensor2ego_rotation': cs['rotation'], 'ego2global_translation': ep['translation'],
                     'ego2global_rotation': ep['rotation'], 'timestamp': sd['timestamp'],
                     'sensor2lidar_rotation': np.eye(3), 'sensor2lidar_translation': np.zeros(3),
                     'cam_intrinsic': np.array(cs['camera_intrinsic'])}
             infos.append({
-                'lidar_path': str(Path(root).resolve() / lsd['filename']), 'token': s['token'], 'sweeps': [],
+                'lidar_path': lsd['filename'], 'token': s['token'], 'sweeps': [],
                 'cams': cams, 'lidar2ego_translation': lcs['translation'],
                 'lidar2ego_rotation': lcs['rotation'], 'ego2global_translation': lep['translation'],
                 'ego2global_rotation': lep['rotation'], 'timestamp': s['timestamp'],

@@ -4,16 +4,16 @@
 
 Checks the nuScenes tables and the files they reference (camera JPEGs, LIDAR_TOP .pcd.bin) here, then the
 model's own files through its ``ModelSpec.data_checks`` module (FB-OCC: Occ3D labels and info pickles;
-BEVDepth: info pickles and depth_gt/). The fast mode (default) reads a sample of the files; --full reads all
-of them. Every problem names a file and a one-line fix; the exit status is 1 when there are problems.
-The helpers the model modules share (:class:`Report`, :func:`sample`, :func:`load_pickle` ...) live here.
+BEVDepth: info pickles and depth_gt/). The default mode checks every file cheaply (its end marker, size or zip
+directory: :mod:`bevkit.data.filecheck`) and decodes a sample of each kind; --full decodes all of them. Every problem names a file and a one-line fix; the exit status is 1 when there are problems.
+The helpers the model modules share (:class:`Report`, :func:`sample` ...) live here; those for info pickles in
+:mod:`bevkit.data.infos`.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
-import pickle
 import random
 import re
 import sys
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bevkit.data import filecheck
 from bevkit.data.schema import LIDAR, TABLE_FIELDS, TABLES, TEST, TRAINVAL
 from bevkit.registry import MODELS as _REGISTRY
 from bevkit.registry import get_spec
@@ -84,14 +85,28 @@ def sample(items, k, full):
     return random.Random(0).sample(items, k)
 
 
-def progress(items, desc, full):
-    if not full:
-        return items
+def check_all(check, items, desc, full) -> list:
+    """``check(item)`` for every item over threads (:func:`bevkit.data.filecheck.each`: exceptions are returned),
+    with a progress bar in full mode."""
+    bar = None
+    if full:
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=len(items), desc=desc, unit='file', file=sys.stderr, leave=False)
+        except ImportError:      # tqdm comes with the devkit; the validator still works without it
+            pass
+
+    def one(item):
+        try:
+            return check(item)
+        finally:
+            if bar is not None:
+                bar.update(1)
     try:
-        from tqdm import tqdm
-        return tqdm(items, desc=desc, unit='file', file=sys.stderr, leave=False)
-    except ImportError:      # tqdm comes with the devkit; the validator still works without it
-        return items
+        return filecheck.each(one, items)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 # ---- data root ------------------------------------------------------------------------------
@@ -253,7 +268,7 @@ def _keyframe_files(root: Path, version: str, t: dict, rep: Report) -> list:
     return [(m.decode(), None) for m in re.findall(rb'"filename":\s*"(samples/[^"]+)"', text)]
 
 
-def _check_image(path: Path, rec, full) -> str:
+def _decode_image(path: Path, rec, full) -> str:
     from PIL import Image
     try:
         with Image.open(path) as im:
@@ -269,20 +284,25 @@ def _check_image(path: Path, rec, full) -> str:
     return ''
 
 
-def _check_lidar(path: Path, full) -> str:
-    size = path.stat().st_size
-    if size == 0 or size % 20:
-        return (f'truncated lidar file: {size} bytes is not a whole number of points '
-                f'(float32 x 5 = 20 bytes each)')
-    if full:
-        pts = np.fromfile(path, dtype='<f4').reshape(-1, 5)
-        if not np.isfinite(pts).all():
-            return 'lidar file holds NaN/inf values'
+def _decode_lidar(path: Path) -> str:
+    pts = np.fromfile(path, dtype='<f4').reshape(-1, 5)
+    if not np.isfinite(pts).all():
+        return 'lidar file holds NaN/inf values'
     return ''
 
 
+def missing_fix(root: Path, rel: str, source: str = 'your nuScenes download') -> str:
+    """A file the dataset itself lists is gone: no data preparation can make it again."""
+    if (root / 'SYNTHETIC.json').exists():
+        return regen_fix(root, rel)
+    return (f'{rel} is missing from the dataset: restore it from {source} (re-download or re-extract the '
+            f'archive that holds it into {root}); the data preparation cannot recreate it')
+
+
 def _check_files(root: Path, files: list, full: bool, rep: Report):
-    cams = [f for f in files if f[0].endswith(('.jpg', '.jpeg', '.png'))]
+    """Every keyframe file: present, a JPEG with both markers / whole lidar points (cheap, all files); decoded
+    for a sample of each kind (all with --full)."""
+    cams = [f for f in files if f[0].endswith(('.jpg', '.jpeg'))]
     lidar = [f for f in files if f[0].endswith('.bin')]
     if not cams:
         rep.add(root / 'samples', 'no camera keyframes referenced by sample_data.json',
@@ -290,50 +310,25 @@ def _check_files(root: Path, files: list, full: bool, rep: Report):
     if not lidar:
         rep.add(root / 'samples' / LIDAR, 'no LIDAR_TOP keyframes referenced by sample_data.json',
                 regen_fix(root, 'the metadata'))
-    todo = sample(cams, FAST_SAMPLES, full) + sample(lidar, FAST_SAMPLES, full)
-    for rel, rec in progress(todo, 'sensor files', full):
+    decode = {rel for rel, _ in sample(cams, FAST_SAMPLES, full) + sample(lidar, FAST_SAMPLES, full)}
+
+    def check(item):
+        rel, rec = item
         path = root / rel
-        fix = regen_fix(root, 'the samples/ blobs')
-        if not path.is_file():
-            rep.add(path, 'missing file referenced by sample_data.json', fix, kind='missing sensor file')
+        if rel.endswith('.bin'):
+            return filecheck.lidar(path) or (_decode_lidar(path) if rel in decode else '')
+        return filecheck.jpeg(path) or (_decode_image(path, rec, full) if rel in decode else '')
+
+    for (rel, _), err in zip(cams + lidar, check_all(check, cams + lidar, 'sensor files', full)):
+        path = root / rel
+        if isinstance(err, FileNotFoundError):
+            rep.add(path, 'missing file referenced by sample_data.json', missing_fix(root, rel),
+                    kind='missing sensor file')
             continue
-        err = _check_lidar(path, full) if rel.endswith('.bin') else _check_image(path, rec, full)
+        if isinstance(err, Exception):
+            err = f'unreadable file ({type(err).__name__}: {err})'
         if err:
-            rep.add(path, err, fix, kind=err.split(':')[0])
-
-
-# ---- Occ3D ----------------------------------------------------------------------------------------
-# ---- info pickles -----------------------------------------------------------------------------------
-def load_pickle(path: Path, rep: Report, fix: str):
-    try:
-        with open(path, 'rb') as f:
-            return pickle.load(f)
-    except Exception as e:    # unpickling raises many types (missing modules, truncation)
-        rep.add(path, f'info file does not load ({type(e).__name__}: {e})', fix)
-        return None
-
-
-def describe_foreign(obj) -> str:
-    """What format an info file that is not the expected one is in."""
-    if isinstance(obj, dict) and ('data_list' in obj or 'metainfo' in obj):
-        return ("info file is in the mmdet3d v1.x format ('data_list'/'metainfo', written by "
-                "mmdetection3d >= 1.1 tools/create_data.py or update_infos_to_v2)")
-    if isinstance(obj, dict) and 'infos' in obj:
-        return "info file is in the mmdet3d 0.x / BEVDet format (dict with 'infos', 'metadata')"
-    if isinstance(obj, list):
-        return 'info file is a plain list of dicts (the BEVDepth scripts/gen_info.py format)'
-    return f'info file holds a {type(obj).__name__}, not a known info format'
-
-
-def check_info_paths(root: Path, rel_paths, rep, path, fix):
-    """Paths inside infos are relative to the model's repo ('./data/nuscenes/samples/...'):
-    check the part from 'samples/' or 'gts/' on against the data root."""
-    for p in rel_paths:
-        p = str(p)
-        m = re.search(r'(?:^|/)((?:samples|sweeps|gts)/.*)$', p)
-        if m and not (root / m.group(1)).exists():
-            rep.add(path, f'info refers to {p}, but {root / m.group(1)} does not exist', fix,
-                    kind=f'{path.name}: info refers to missing files')
+            rep.add(path, err, regen_fix(root, rel), kind=err.split(':')[0])
 
 
 # ---- entry points ----------------------------------------------------------------------------------

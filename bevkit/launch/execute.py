@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import List, Mapping, Sequence, Tuple
 
 from bevkit import REPO_ROOT, __version__, log
+from bevkit.data.decode import find_in_log
 from bevkit.errors import EXIT_CHECKPOINT, CheckpointError, UserError
 from bevkit.launch.plan import Plan
 from bevkit.launch.request import LaunchError
@@ -145,7 +146,8 @@ def run_tee(argv: Sequence[str], env: Mapping[str, str], cwd: Path, log_path: Pa
     are forwarded, and we keep reading until it has finished its own shutdown. If we die without forwarding
     (SIGKILL, a crash), the child's parent-death signal (:func:`bevkit.launch.worker.preexec_for`) kills it,
     and torchrun's workers die with torchrun the same way (they start through :mod:`bevkit.launch.worker`):
-    no trainer outlives the launcher.
+    no trainer outlives the launcher. A run stopped by a forwarded signal exits 128 + the signal's number, like a
+    shell reports it (torchrun itself exits 1).
     """
     from bevkit.launch import worker  # not at import time: `-m bevkit.launch.worker` imports this package first
 
@@ -154,7 +156,10 @@ def run_tee(argv: Sequence[str], env: Mapping[str, str], cwd: Path, log_path: Pa
                             stderr=subprocess.STDOUT, start_new_session=True,
                             preexec_fn=worker.preexec_for(os.getpid()))
 
+    received = []
+
     def forward(signum, _frame):
+        received.append(signum)
         if proc.poll() is None:
             proc.send_signal(signum)
 
@@ -185,11 +190,18 @@ def run_tee(argv: Sequence[str], env: Mapping[str, str], cwd: Path, log_path: Pa
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if rc != 0 and received:
+        return 128 + received[0]
     return 128 - rc if rc < 0 else rc  # killed by signal N -> 128+N, like a shell
 
 
-def finish(plan: Plan, exit_code: int, e2e_s: float, out=None) -> Path:
-    """Write results.json + the Ascend-style log from the run folder; print the final lines."""
+#: Modes that train: a run of one of these that recorded no optimizer step did not do its job.
+TRAINING_MODES = ("full", "performance", "smoke", "demo")
+
+
+def finish(plan: Plan, exit_code: int, e2e_s: float, out=None) -> Tuple[Path, int]:
+    """Write results.json + the Ascend-style log from the run folder; print the final lines. Returns the
+    results path and the run's exit code (1 for a training run that ended without a step)."""
     from bevkit import op_limits, provenance
     from bevkit import results as res
     from bevkit import visualize
@@ -200,6 +212,12 @@ def finish(plan: Plan, exit_code: int, e2e_s: float, out=None) -> Path:
     metrics = res.read_metrics(r.run_dir)
     pictures = visualize.after_run(r.run_dir, out=out)  # what the evaluation dumped, drawn (eval runs)
     checkout = plan.cwd if plan.spec.upstream else None
+    failure = None
+    if exit_code == 0 and r.mode in TRAINING_MODES and not records and plan.node_rank == 0:
+        exit_code = 1
+        failure = (f"the run ended without a single optimizer step (no records in {r.run_dir / STEPS_FILE}): "
+                   f"check that the training set holds at least one batch (batch per device x processes) and "
+                   f"the epochs / steps passed to the entry point")
     results = res.build_results(
         records=records, metrics=metrics, model=plan.spec.name, display_name=plan.spec.display_name,
         mode=r.mode, device=r.device, nproc_per_node=r.nproc_per_node, nnodes=r.nnodes,
@@ -208,7 +226,7 @@ def finish(plan: Plan, exit_code: int, e2e_s: float, out=None) -> Path:
         versions=provenance.collect_versions(plan.env),
         upstream=provenance.upstream_info(plan.spec.upstream_name, checkout),
         npu_op_limits=op_limits.policy(plan.env),
-        extra={"max_steps": r.max_steps, "run_dir": str(r.run_dir),
+        extra={"max_steps": r.max_steps, "run_dir": str(r.run_dir), "failure": failure,
                "flow": plan.launch.flow if plan.launch else None, "config": str(r.config) if r.config else None,
                "checkpoint": str(r.checkpoint) if r.checkpoint else None,
                "resumed_from": plan.resumed_from.summary() if plan.resumed_from else None,
@@ -219,17 +237,18 @@ def finish(plan: Plan, exit_code: int, e2e_s: float, out=None) -> Path:
                          "pictures": [str(p.relative_to(r.run_dir)) for p in pictures] or None}})
     path, _log, printed = res.write_results(r.run_dir, results)
     out = out or sys.stdout
-    if exit_code == 0 and r.mode in ("full", "performance", "smoke", "demo") and not records and plan.node_rank == 0:
-        out.flush()
-        log.get().warning(f"no step records in {r.run_dir / STEPS_FILE}: the entry point did not use "
-                          "bevkit.timing, so no step time or FPS could be measured")
     for line in printed:
         print(line, file=out)
-    if exit_code != 0:
+    if failure:
+        print(f"error: {failure}", file=out)
+    elif exit_code != 0:
+        damaged = find_in_log(r.run_dir / LOG_FILE)  # the one line that says what to fix, if it is a data file
+        if damaged:
+            print(f"error: {damaged}", file=out)
         print(f"training exited with code {exit_code}; see {r.run_dir / LOG_FILE}", file=out)
     print(f"results: {path}", file=out)
     out.flush()
-    return path
+    return path, exit_code
 
 
 def execute(plan: Plan, launcher_argv: Sequence[str]) -> int:
@@ -252,7 +271,7 @@ def execute(plan: Plan, launcher_argv: Sequence[str]) -> int:
     problem = user_error_of(plan) if rc != 0 else None
     if problem is not None:  # bad input found inside the run (bevkit.launch.worker): its code, its line last
         rc = problem.get("exit_code") or rc
-    finish(plan, rc, time.monotonic() - start)
+    rc = finish(plan, rc, time.monotonic() - start)[1]
     if problem is not None:
         sys.stdout.flush()
         print(f"error: {problem.get('message')}", file=sys.stderr, flush=True)

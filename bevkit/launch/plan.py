@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import socket
 import sys
 from dataclasses import dataclass, field, replace
@@ -133,6 +134,34 @@ def _timestamp(now: Optional[datetime] = None) -> str:
     return (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
 
 
+def data_root_problem(data_root: Path) -> Optional[str]:
+    """Why ``data_root`` cannot be a data root (None when it is a folder)."""
+    make = "python -m bevkit.data.synthetic --out DIR"
+    if data_root.is_dir():
+        return None
+    if data_root.exists():
+        return (f"data root {data_root} is a file, not a folder: pass --data-root DIR, the folder that holds "
+                f"v1.0-trainval/ and samples/")
+    return (f"data root {data_root} does not exist: pass --data-root DIR (a nuScenes-format folder; a small "
+            f"synthetic one is made with `{make}`)")
+
+
+def work_dir_problem(work_dir: Path) -> Optional[str]:
+    """Why run folders cannot be made under ``work_dir`` (None when they can, as far as permissions tell)."""
+    existing = work_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is" if existing == work_dir else f"is inside {existing}, which is"
+        return (f"--work-dir {work_dir} {what} a file, not a folder: pass a folder (each run gets a new folder "
+                f"inside it)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is" if existing == work_dir else f"would be made in {existing}, which is"
+        return (f"--work-dir {work_dir} {what} not writable (a read-only file system, or no permission for this "
+                f"user): pass a folder you can write to (each run gets a new folder inside it)")
+    return None
+
+
 def next_run_dir(work_dir: Path, node_rank: Optional[int] = None, create: bool = True,
                  now: Optional[datetime] = None) -> Path:
     """A run folder that did not exist before: <work_dir>/<UTC time>[-node<k>][-<n>].
@@ -147,11 +176,16 @@ def next_run_dir(work_dir: Path, node_rank: Optional[int] = None, create: bool =
             if not candidate.exists():
                 return candidate
             continue
-        work_dir.mkdir(parents=True, exist_ok=True)
         try:
+            work_dir.mkdir(parents=True, exist_ok=True)
             candidate.mkdir()
         except FileExistsError:
+            if not work_dir.is_dir():
+                raise LaunchError(work_dir_problem(work_dir) or f"--work-dir {work_dir} is not a folder") from None
             continue
+        except OSError as e:  # read-only file system, no permission (root passes the access check above)
+            raise LaunchError(f"--work-dir {work_dir}: cannot create a run folder there ({e.strerror}): pass a "
+                              f"folder you can write to") from None
         return candidate
     raise LaunchError(f"could not find a free run folder name under {work_dir}")
 
@@ -210,10 +244,9 @@ def plan(request: Request, machine: Machine, spec: Optional[ModelSpec] = None,
     # --- data root: a missing one is refused before anything else
     data_root = request.data_root or (_abs(Path(environ["BEVKIT_DATA_ROOT"])) if environ.get("BEVKIT_DATA_ROOT")
                                       else REPO_ROOT / "data" / "nuscenes")
-    if not data_root.is_dir():
-        make = "python -m bevkit.data.synthetic --out DIR"
-        raise LaunchError(f"data root {data_root} does not exist: pass --data-root DIR (a nuScenes-format "
-                          f"folder; a small synthetic one is made with `{make}`)")
+    problem = data_root_problem(data_root)
+    if problem:
+        raise LaunchError(problem)
 
     # --- paths and steps
     mode = request.mode
@@ -255,6 +288,9 @@ def plan(request: Request, machine: Machine, spec: Optional[ModelSpec] = None,
     if warmup is None and environ.get("BEVKIT_WARMUP_STEPS", "").strip().isdigit():
         warmup = int(environ["BEVKIT_WARMUP_STEPS"])  # (anything else: the default rule)
 
+    problem = work_dir_problem(work_dir)
+    if problem:
+        refuse(problem)
     if run_dir is None:
         run_dir = next_run_dir(work_dir, node_rank if nnodes > 1 else None, create=False)
 

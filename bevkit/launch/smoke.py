@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Optional, Tuple
 
 from bevkit import REPO_ROOT, env, log
-from bevkit.launch.plan import load_spec
+from bevkit.launch.plan import data_root_problem, load_spec, work_dir_problem
 from bevkit.launch.request import LaunchError, Request
 from bevkit.registry import ModelSpec
 
@@ -84,6 +84,11 @@ def run(request: Request, launch_once: LaunchOnce) -> int:
     if request.mode not in spec.configs:
         raise LaunchError(f"model {spec.name} has no {request.mode} config (ModelSpec.configs)")
     say = log.get(request.mode)
+    # refused before minutes of data generation and preparation
+    problem = ((request.data_root and data_root_problem(request.data_root))
+               or (request.work_dir and not request.dry_run and work_dir_problem(request.work_dir)))
+    if problem:
+        raise LaunchError(problem)
     options = spec.demo_data if request.mode == "demo" else ()
     data_root = request.data_root or Path(os.path.abspath(default_data_root(spec=spec, mode=request.mode)))
     if request.data_root is None and not (data_root / "v1.0-trainval").is_dir():

@@ -11,8 +11,10 @@ the evaluation hooks (LOW), whose time lands in the following step (as in mmcv's
 the median is robust to such steps).
 
 Stopping (``BEVKIT_MAX_STEPS``): on an ``IterBasedRunner`` the hook lowers ``runner._max_iters`` to the
-current iteration + 1, so the runner leaves its loop normally and runs its ``after_run`` hooks (no
-``sys.exit`` inside the loop). On an ``EpochBasedRunner`` it can only end after the current epoch.
+current iteration + 1 when the last step *begins*, so every hook sees that iteration as the run's last one (the
+checkpoint hook saves ``latest.pth`` there, as at the end of a full schedule: a smoke run of 3 steps can be
+evaluated) and the runner leaves its loop normally and runs its ``after_run`` hooks (no ``sys.exit`` inside the
+loop). On an ``EpochBasedRunner`` it can only end after the current epoch.
 """
 from __future__ import annotations
 
@@ -56,6 +58,9 @@ class BevkitTimingHook(Hook):
 
     def before_train_iter(self, runner) -> None:
         self.recorder.step_begin()
+        last = self.recorder.max_steps is not None and self.recorder.steps + 1 >= self.recorder.max_steps
+        if last and isinstance(runner, IterBasedRunner):
+            runner._max_iters = min(runner._max_iters, runner.iter + 1)  # this iteration is the last one
 
     def after_train_iter(self, runner) -> None:
         outputs = runner.outputs or {}
@@ -79,7 +84,7 @@ class BevkitTimingHook(Hook):
         n = self.recorder.steps - self.recorder.first_step
         if isinstance(runner, IterBasedRunner):
             # IterBasedRunner increments runner.iter after this hook; its loop ends when iter >= _max_iters
-            runner._max_iters = runner.iter + 1
+            runner._max_iters = min(runner._max_iters, runner.iter + 1)
         else:  # EpochBasedRunner: the epoch in progress is the last one
             runner._max_epochs = runner.epoch + 1
         runner.logger.info(f"bevkit: stopping after {n} steps (BEVKIT_MAX_STEPS)")

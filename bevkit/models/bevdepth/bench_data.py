@@ -36,14 +36,22 @@ def build_dataset(data_root: str, final_dim=(256, 704)):
     from bevdepth.datasets.nusc_det_dataset import NuscDetDataset
     from bevdepth.exps.nuscenes import base_exp
 
+    from PIL import Image
+
     ida = dict(base_exp.ida_aug_conf)
-    if tuple(final_dim) != tuple(ida["final_dim"]):
-        scale = final_dim[1] / ida["final_dim"][1]
-        ida.update(final_dim=tuple(final_dim), resize_lim=tuple(r * scale for r in ida["resize_lim"]))
-    return NuscDetDataset(ida_aug_conf=ida, bda_aug_conf=base_exp.bda_aug_conf, classes=base_exp.CLASSES,
-                          data_root=data_root, info_paths=os.path.join(data_root, "nuscenes_infos_train.pkl"),
-                          is_train=True, img_conf=base_exp.img_conf, num_sweeps=1, sweep_idxes=[],
-                          key_idxes=[-1], return_depth=True, use_fusion=False)
+    dataset = NuscDetDataset(ida_aug_conf=ida, bda_aug_conf=base_exp.bda_aug_conf, classes=base_exp.CLASSES,
+                             data_root=data_root, info_paths=os.path.join(data_root, "nuscenes_infos_train.pkl"),
+                             is_train=True, img_conf=base_exp.img_conf, num_sweeps=1, sweep_idxes=[],
+                             key_idxes=[-1], return_depth=True, use_fusion=False)
+    # The augmentation's H, W must be the images' own size: the depth points are in their pixels (upstream
+    # assumes 1600x900; small test images would put the depth labels outside the crop). Resize factors follow.
+    cams = dataset.infos[0]["cam_infos"]
+    with Image.open(os.path.join(data_root, next(iter(cams.values()))["filename"])) as img:
+        width, height = img.size
+    scale = final_dim[1] / ida["final_dim"][1] * ida["W"] / width
+    ida.update(final_dim=tuple(final_dim), resize_lim=tuple(r * scale for r in ida["resize_lim"]), H=height,
+               W=width)  # the dict the dataset holds
+    return dataset
 
 
 @contextlib.contextmanager
@@ -196,7 +204,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(line + f"x{med / base:.2f}")
     if args.psnr_samples and "draft" in modes:
         p = psnr_draft(dataset, args.psnr_samples)
-        print(f"draft vs default images after the pipeline's resize: PSNR {p['psnr_db']:.2f} dB mean, "
+        print(f"PSNR of draft vs default images after the pipeline's resize: {p['psnr_db']:.2f} dB mean, "
               f"{p['worst_psnr_db']:.2f} dB worst, over {p['images']} images "
               f"({p['reduced_share']:.0%} decoded at reduced scale)")
     if args.profile:

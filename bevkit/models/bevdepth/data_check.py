@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
+from bevkit.data import filecheck
 from bevkit.data.schema import (BEVDEPTH_ANN_KEYS, BEVDEPTH_CAM_KEYS, BEVDEPTH_INFO_FILES, BEVDEPTH_INFO_KEYS,
-                                CAMERAS, LIDAR, TRAINVAL)
-from bevkit.data.validate import (FAST_SAMPLES, Report, check_info_paths, describe_foreign, load_pickle,
-                                  progress, sample)
+                                CAMERAS, TRAINVAL, in_root)
+from bevkit.data.infos import check_info_paths, describe_foreign, load_pickle, report_outside
+from bevkit.data.validate import FAST_SAMPLES, Report, check_all, sample
 
 PREPARE_HINT = "run the BEVDepth data preparation (see bevdepth/README.md, 'Data')"
 MIN_SAMPLES_PER_SCENE = 1
@@ -66,8 +67,20 @@ def _check_bevdepth_infos(root: Path, t: dict, full: bool, rep: Report):
                         f'(the file was made for another dataset or an earlier generation)',
                         fix + ' again on this data root', kind=f'{name}: stale tokens')
                 break
-            check_info_paths(root, [c['filename'] for c in cams.values()]
-                              + [info['lidar_infos'][LIDAR]['filename']], rep, path, fix)
+            check_info_paths(root, info_paths(info), rep, path, fix)
+        else:  # the entries are well formed: every one must point into this data root (a string check)
+            resolve = in_root(root)
+            outside = [p for info in obj for p in info_paths(info) if resolve(p) is None]
+            report_outside(root, outside, rep, path, fix)
+
+
+def info_paths(info: dict) -> list:
+    """Every file one BEVDepth info entry names (key frame and sweeps, cameras and lidar): its dataset joins
+    them with the data root."""
+    frames = [info.get('cam_infos') or {}, info.get('lidar_infos') or {}]
+    frames += list(info.get('cam_sweeps') or []) + list(info.get('lidar_sweeps') or [])
+    return [rec['filename'] for frame in frames if isinstance(frame, dict)
+            for rec in frame.values() if isinstance(rec, dict) and 'filename' in rec]
 
 
 def _check_depth_gt(root: Path, t: dict, full: bool, rep: Report):
@@ -80,17 +93,22 @@ def _check_depth_gt(root: Path, t: dict, full: bool, rep: Report):
     if not files:
         rep.add(folder, 'depth_gt/ holds no .bin files', fix)
         return
-    for path in progress(sample(files, FAST_SAMPLES, full), 'depth_gt', full):
+    def check(path):  # every file: its size (an image may hold no point: 0 bytes); --full: the values
         size = path.stat().st_size
-        if size % 12:
-            rep.add(path, f'truncated depth_gt file: {size} bytes is not a whole number of '
-                    f'(u, v, depth) float32 triples', fix, kind='truncated depth_gt')
-            continue
+        if size % filecheck.DEPTH_ROW_BYTES:
+            return (f'truncated depth_gt file: {size} bytes is not a whole number of (u, v, depth) float32 '
+                    f'triples')
         if full and size:
             d = np.fromfile(path, dtype='<f4').reshape(-1, 3)
             if not np.isfinite(d).all() or (d[:, 2] <= 0).any():
-                rep.add(path, 'depth_gt holds non-finite or non-positive depths', fix,
-                        kind='bad depth_gt values')
+                return 'depth_gt holds non-finite or non-positive depths'
+        return ''
+
+    for path, err in zip(files, check_all(check, files, 'depth_gt', full)):
+        if isinstance(err, Exception):
+            err = f'unreadable depth_gt file ({type(err).__name__}: {err})'
+        if err:
+            rep.add(path, err, fix, kind=err.split(':')[0].split(' (')[0])
     # every camera keyframe of the train split should have one (the NPU port reads them in training)
     if t.get('sample_data') is not None and t.get('scene') is not None and t.get('sample') is not None:
         from nuscenes.utils import splits
@@ -100,7 +118,7 @@ def _check_depth_gt(root: Path, t: dict, full: bool, rep: Report):
         wanted = [Path(r['filename']).name + '.bin' for r in t['sample_data']
                   if r.get('is_key_frame') and r['filename'].endswith('.jpg')
                   and r['sample_token'] in train_samples]
-        for w in sample(wanted, FAST_SAMPLES, full):
+        for w in wanted:  # a set lookup each: all of them
             if w not in have:
                 rep.add(folder / w, 'missing depth_gt for a train camera keyframe', fix,
                         kind='missing depth_gt')

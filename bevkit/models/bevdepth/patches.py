@@ -19,6 +19,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from bevkit import checkpoints, env, log
+from bevkit.data.decode import checked_image, naming_sample
 from bevkit.device import device_type, run_device
 from bevkit.models.bevdepth.pictures import dump_on_eval_step
 from bevkit.models.bevdepth.results import record_on_evaluate
@@ -261,6 +262,10 @@ def _is_function(original: Any) -> bool:
     return callable(original)
 
 
+def _sample_token(dataset, idx):
+    return dataset.infos[dataset.sample_indices[idx] if dataset.use_cbgs else idx]["sample_token"]
+
+
 def _lightning_load(original):
     """Lightning's checkpoint IO (fit/test ``ckpt_path``) through the kit's weights_only loader."""
     from bevkit.torch_load import load
@@ -342,6 +347,13 @@ PATCHES = PatchSet("bevdepth", [
         "depth_gt_precomputed", f"{DATASET}:NuscDetDataset.get_lidar_depth", _get_lidar_depth,
         why="read depth_gt/<image>.bin made offline by 'python -m bevkit.data.depth_gt' instead of "
             "projecting lidar in the data loader (BEVKIT_DEPTH_GT=auto|precomputed|online)"),
+    RuntimePatch(
+        "image_decode_names_file", f"{DATASET}:Image", checked_image,
+        why="PIL opens lazily: a damaged JPEG fails later as 'image file is truncated' without its name; images "
+            "opened stay lazy (JPEG draft mode), and a failure to decode names the file"),
+    RuntimePatch(
+        "sample_in_data_errors", f"{DATASET}:NuscDetDataset.__getitem__", naming_sample("bevdepth", _sample_token),
+        why="a damaged-file error also names the sample token being loaded"),
     RuntimePatch(
         "lightning_checkpoint_weights_only", "lightning_fabric.plugins.io.torch_io:pl_load", _lightning_load,
         why="Lightning 1.9 reads --ckpt_path with a bare torch.load (torch 2.1's default weights_only=False: a file "

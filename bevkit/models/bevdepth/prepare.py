@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import pickle
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
+
+from bevkit.fileio import atomic_write_bytes
 
 
 def _gen_info_module():
@@ -32,10 +32,7 @@ def _gen_info_module():
 
 
 def _dump(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
-    with os.fdopen(fd, "wb") as fh:
-        pickle.dump(obj, fh)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, pickle.dumps(obj))
 
 
 def make_infos(data_root: Path, force: bool = False) -> None:

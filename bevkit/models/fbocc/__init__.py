@@ -79,15 +79,14 @@ def config_for(request: LaunchRequest) -> Path:
     return REPO_ROOT / CONFIGS[request.mode]
 
 
-def _data_root_option(request: LaunchRequest) -> str:
-    # mmcv parses "a=b" values; a trailing slash keeps upstream's `data_root + 'file'` concatenations valid.
-    return f"data_root={str(request.data_root).rstrip('/')}/"
-
-
 def build_entry(request: LaunchRequest) -> List[str]:
-    """argv for torchrun on every rank (relative to the FB-BEV checkout)."""
+    """argv for torchrun on every rank (relative to the FB-BEV checkout).
+
+    The data root reaches the config through the launcher's ``BEVKIT_DATA_ROOT`` (:func:`.config.finalize`), not
+    ``--cfg-options data_root=...``: mmcv's option parser splits values at commas and drops spaces and quotes, so
+    such a path would arrive as another path (or a list)."""
     config = str(config_for(request))
-    options = ["--cfg-options", _data_root_option(request)]
+    options: List[str] = []
     if request.mode == "eval":
         if request.checkpoint is None:
             raise ValueError("fbocc eval needs a checkpoint: fbocc/test/eval.sh CHECKPOINT [options]")
@@ -108,8 +107,11 @@ def build_entry(request: LaunchRequest) -> List[str]:
                 break
             values.append(item)
         del extra[at:at + 1 + len(values)]
+        if any(v.split("=", 1)[0] == "data_root" for v in values):
+            raise ValueError("pass the data root with --data-root, not --cfg-options data_root=... (the launcher "
+                             "checks that folder and hands it to the config)")
         options += values
-    return argv + options + extra
+    return argv + (["--cfg-options", *options] if options else []) + extra
 
 
 def samples_per_device_for(request: LaunchRequest) -> int:

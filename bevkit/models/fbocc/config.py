@@ -10,7 +10,8 @@ with a fallback to ``upstream/FB-BEV`` next to the kit.
 loaded, so ``--cfg-options data_root=...`` alone would not move them: the paths that still point at upstream's
 default data folder follow ``data_root`` (a path you set yourself, e.g. ``--cfg-options
 data.val.ann_file=...``, is kept); relative checkpoint paths follow the kit's checkpoint folder; then the
-per-device policy (dist backend, fp16, SyncBN) and the kit's timing hook.
+per-device policy (dist backend, fp16, SyncBN) and the kit's timing hook. The launcher hands the data root over in
+``BEVKIT_DATA_ROOT`` (mmcv's ``--cfg-options`` parser would split a path with a comma and drop its spaces).
 """
 from __future__ import annotations
 
@@ -219,8 +220,9 @@ def foreach_optimizer(cfg) -> bool:
 
 
 def finalize(cfg) -> None:
-    """The kit's adjustments to a loaded (and --cfg-options merged) FB-OCC config."""
-    rebase_data_paths(cfg)
+    """The kit's adjustments to a loaded (and --cfg-options merged) FB-OCC config. The data root is the launcher's
+    ``BEVKIT_DATA_ROOT`` when set (any path: it does not go through mmcv's option parser), else ``cfg.data_root``."""
+    rebase_data_paths(cfg, data_root=env.get("BEVKIT_DATA_ROOT"))
     propagate_shared(cfg)
     device_policy(cfg, run_device(), int(os.environ.get("WORLD_SIZE", "1")))
     foreach_optimizer(cfg)

@@ -2,15 +2,16 @@
 FB-BEV's converter (``python -m bevkit.models.fbocc.prepare``)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from bevkit.data import filecheck
 from bevkit.data.schema import (CAMERAS, FBOCC_CAM_KEYS, FBOCC_INFO_FILES, FBOCC_INFO_KEYS, OCC_FREE, OCC_KEYS,
-                                OCC_SHAPE, TRAINVAL)
-from bevkit.data.validate import (FAST_SAMPLES, Report, check_info_paths, describe_foreign, load_pickle,
-                                  progress, regen_fix, sample)
+                                OCC_SHAPE, TRAINVAL, in_root)
+from bevkit.data.infos import check_info_paths, describe_foreign, load_pickle, report_outside
+from bevkit.data.validate import FAST_SAMPLES, Report, check_all, missing_fix, regen_fix, sample
+from bevkit.models.fbocc.prepare import info_path_fields
 
 #: How the model prepares its info files (the model README holds the exact commands).
 PREPARE_HINT = "run the FB-OCC data preparation (see fbocc/README.md, 'Data')"
@@ -59,28 +60,24 @@ def _check_occ(root: Path, t: dict, full: bool, rep: Report):
         rep.add(gts, 'no Occ3D ground truth folder (gts/<scene>/<sample_token>/labels.npz)',
                 f'download Occ3D-nuScenes and put (or symlink) its gts/ folder at {gts}')
         return
-    for scene, tok in progress(sample(pairs, FAST_SAMPLES, full), 'Occ3D labels', full):
+    decode = set(sample(pairs, FAST_SAMPLES, full))
+    voxels = int(np.prod(OCC_SHAPE))
+
+    def check(pair):  # every file: its zip directory (cheap); a sample (all with --full): decoded
+        path = gts / pair[0] / pair[1] / 'labels.npz'
+        return (filecheck.npz(path, OCC_KEYS, voxels, f'the {OCC_SHAPE} voxel grid')
+                or (_check_occ_file(path, full) if pair in decode else ''))
+
+    for (scene, tok), err in zip(pairs, check_all(check, pairs, 'Occ3D labels', full)):
         path = gts / scene / tok / 'labels.npz'
-        if not path.is_file():
-            rep.add(path, 'missing Occ3D labels for a train/val sample',
-                    regen_fix(root, 'the Occ3D gts/ folder'), kind='missing Occ3D labels')
+        if isinstance(err, FileNotFoundError):
+            fix = missing_fix(root, f'gts/{scene}/{tok}/labels.npz', 'the Occ3D-nuScenes download')
+            rep.add(path, 'missing Occ3D labels for a train/val sample', fix, kind='missing Occ3D labels')
             continue
-        err = _check_occ_file(path, full)
+        if isinstance(err, Exception):
+            err = f'unreadable labels.npz ({type(err).__name__}: {err})'
         if err:
             rep.add(path, err, regen_fix(root, 'the Occ3D gts/ folder'), kind=err.split(' (')[0])
-
-
-def _check_opened_paths(paths, rep, path, fix):
-    """FB-OCC's pipeline opens lidar_path / data_path exactly as stored, from the FB-BEV checkout, wherever the
-    data root is: they must be absolute (as the kit's preparation writes them) and exist."""
-    for p in map(str, paths):
-        if not os.path.isabs(p):
-            rep.add(path, f'info holds the relative path {p}, which training opens from the FB-BEV checkout, '
-                    f'not from the data root', fix + ' with --force (it writes absolute paths)',
-                    kind=f'{path.name}: relative paths')
-        elif not os.path.exists(p):
-            rep.add(path, f'info refers to {p}, which does not exist (made for another data root?)',
-                    fix + ' with --force', kind=f'{path.name}: info refers to missing files')
 
 
 def _check_fbocc_infos(root: Path, t: dict, full: bool, rep: Report):
@@ -125,5 +122,8 @@ def _check_fbocc_infos(root: Path, t: dict, full: bool, rep: Report):
                         f'file was made for another dataset or an earlier generation)',
                         fix + ' again on this data root', kind=f'{name}: stale tokens')
                 break
-            _check_opened_paths([info['lidar_path']] + [c['data_path'] for c in cams.values()], rep, path, fix)
-            check_info_paths(root, [info['occ_path'] + '/labels.npz'], rep, path, fix)
+            check_info_paths(root, [n[k] for n, k in info_path_fields(info)], rep, path, fix)
+        else:  # the entries are well formed: every one must point into this data root (a string check)
+            resolve = in_root(root)
+            outside = [n[k] for info in infos for n, k in info_path_fields(info) if resolve(n[k]) is None]
+            report_outside(root, outside, rep, path, fix)

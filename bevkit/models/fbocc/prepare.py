@@ -3,8 +3,10 @@
 1. Info files: runs FB-BEV's own ``tools/create_data_bevdet.py`` logic (``nuscenes_data_prep`` then
    ``add_ann_adj_info``) on DATA_ROOT, writing DATA_ROOT/bevdetv2-nuscenes_infos_{train,val}.pkl. The
    upstream script hard-codes ``./data/nuscenes``; the first function takes the root as an argument, the
-   second is run from a scratch folder whose ``data/nuscenes`` links to DATA_ROOT. Paths inside the infos
-   are absolute (DATA_ROOT resolved): run this again if the data root moves.
+   second is run from a scratch folder whose ``data/nuscenes`` links to DATA_ROOT. The kit then rewrites the
+   file paths inside the infos relative to DATA_ROOT (``samples/CAM_FRONT/...``), so a copied or moved data
+   root reads its own files; the 'fbocc-infos-in-data-root' runtime patch joins them with the data root when
+   training loads them.
 2. Occ3D ground truth: DATA_ROOT/gts, or ``--occ3d DIR`` to link it there; every sample of the infos
    must have gts/<scene>/<token>/labels.npz.
 3. Pretrained checkpoints (reference recipe only; ``--no-checkpoints`` for smoke runs): in CKPT_DIR
@@ -23,9 +25,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 from bevkit import checkpoints
+from bevkit.fileio import atomic_write_bytes
 
 INFO_PREFIX = "bevdetv2-nuscenes"
 VERSION = "v1.0-trainval"
@@ -36,6 +39,34 @@ SUMS_FILE = checkpoints.SUMS_FILE
 
 def info_path(data_root: Path, split: str) -> Path:
     return data_root / f"{INFO_PREFIX}_infos_{split}.pkl"
+
+
+def info_path_fields(info: dict) -> Iterator[Tuple[dict, str]]:
+    """(node, key) of every file path one FB-OCC info entry holds: lidar_path, each camera's and each sweep's
+    data_path (what training opens)."""
+    if "lidar_path" in info:
+        yield info, "lidar_path"
+    for node in list((info.get("cams") or {}).values()) + list(info.get("sweeps") or []):
+        if isinstance(node, dict) and "data_path" in node:
+            yield node, "data_path"
+
+
+def relativize_infos(path: Path, data_root: Path) -> int:
+    """Rewrite the absolute paths inside DATA_ROOT that an info file holds relative to DATA_ROOT (atomically);
+    returns how many changed."""
+    with open(path, "rb") as f:
+        obj = pickle.load(f)
+    prefix = str(data_root).rstrip("/") + "/"
+    changed = 0
+    for info in obj["infos"]:
+        for node, key in info_path_fields(info):
+            value = str(node[key])
+            if value.startswith(prefix):
+                node[key] = value[len(prefix):]
+                changed += 1
+    if changed:
+        atomic_write_bytes(path, pickle.dumps(obj))
+    return changed
 
 
 def check_checkpoints(ckpt_dir: Path, record: bool = True) -> List[str]:
@@ -76,7 +107,11 @@ def create_infos(data_root: Path, fbbev_root: Path) -> List[Path]:
         module.nuscenes_data_prep(root_path=str(data_root), info_prefix=INFO_PREFIX, version=VERSION,
                                   max_sweeps=0)
         module.add_ann_adj_info(INFO_PREFIX)
-    return [info_path(data_root, s) for s in SPLITS]
+    written = [info_path(data_root, s) for s in SPLITS]
+    for path in written:
+        if path.is_file():
+            relativize_infos(path, data_root)
+    return written
 
 
 def stale_infos(data_root: Path) -> List[str]:

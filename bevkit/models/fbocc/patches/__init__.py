@@ -8,6 +8,7 @@ devices it applies to; the code lives by concern:
 - :mod:`.losses`: the occupancy losses (focal loss, NaN/Inf cleaning, which is exact and applies everywhere);
 - :mod:`.checkpoints`: resume with the full training state, the checked checkpoint compared with the built model,
   FB-BEV's own checkpoint load through the kit's weights_only loader;
+- :mod:`.data`: info paths relative to the data root, decode errors that name the file and the sample;
 - :mod:`.npu`: rank <= 6 matmul rewrites and the Conv3d shortcut rewrite, NPU only (needed there; on CPU/CUDA
   the upstream code is already right and the rewrite measured no faster, see fbocc/README.md);
 - :mod:`.speed`: the DrivingSDK port's speed techniques (fused add+relu and the stem max-pool in the ResNets,
@@ -22,6 +23,8 @@ not a patch: it is a visible line in tools/train.py and tools/test.py (:func:`be
 """
 from __future__ import annotations
 
+from bevkit.data.decode import checked_image
+from bevkit.models.fbocc.patches.data import _infos_in_data_root, sample_in_data_errors
 from bevkit.models.fbocc.patches.checkpoints import _checked_load, _resume, _torch_safe_load
 from bevkit.models.fbocc.patches.device import (_autocast_for_device, _build_model, _current_device, _ddp_factory,
                                                 _dp_factory, _init_dist_pytorch, _module_cuda,
@@ -44,6 +47,7 @@ SCA = f"{BEVFORMER}.spatial_cross_attention_depth"
 ENCODER = f"{BEVFORMER}.bevformer_encoder"
 DETECTOR = f"{FB}.detectors.fbocc"
 FOCAL = f"{FB}.modules.occ_loss_utils.focal_loss"
+DATASET = "mmdet3d.datasets.nuscenes_dataset:NuScenesDataset"
 SAMPLER = "mmdet3d.datasets.samplers.infinite_group_each_sample_in_batch_sampler"
 RESNET = "mmdet.models.backbones.resnet"
 RESNET3D = f"{FB}.modules.resnet3d"
@@ -133,6 +137,15 @@ PATCHES = PatchSet("fbocc", [
     RuntimePatch("fbocc-occ-loss-nan", f"{FB}.heads.occupancy_head:OccHead.loss_voxel", _loss_voxel,
                  why="Clear NaN/Inf logits with nan_to_num (exact, no host sync); the NPU port's multiply-by-"
                      "mask kept NaN."),
+    # --- data ------------------------------------------------------------------------------------
+    RuntimePatch("fbocc-infos-in-data-root", f"{DATASET}.load_annotations", _infos_in_data_root,
+                 why="The kit's info files hold paths relative to the data root (a copied or moved root reads its own "
+                     "files); the dataset opens them as stored, so they are joined with the data root on load."),
+    RuntimePatch("fbocc-image-decode-names-file", "mmdet3d.datasets.pipelines.loading:Image", checked_image,
+                 why="PIL opens lazily: a damaged JPEG fails later as 'image file is truncated' without its name. "
+                     "Images stay lazy (JPEG draft mode), and a failure to decode names the file."),
+    RuntimePatch("fbocc-sample-in-data-errors", f"{DATASET}.__getitem__", sample_in_data_errors,
+                 why="A damaged-file error also names the sample token being loaded."),
     # --- checkpoints -----------------------------------------------------------------------------
     RuntimePatch("fbocc-resume", "mmcv.runner:IterBasedRunner.resume", _resume,
                  why="--resume: mmcv maps the checkpoint to 'cuda', resumes one iteration short (it records the "
