@@ -30,6 +30,12 @@ Options:
   --upstream-dir DIR        where checkouts go (default: upstream/ in the kit; env BEVKIT_UPSTREAM_DIR)
   --cann-env FILE           npu: CANN's set_env.sh (default: \$ASCEND_TOOLKIT_HOME/../set_env.sh,
                             then /usr/local/Ascend/ascend-toolkit/set_env.sh)
+  --emulate                 npu without Ascend hardware, for testing (implies --profile npu; env
+                            BEVKIT_EMULATE=1): every npu pin, but the kit's fakes (test/fakes) stand
+                            in for torch_npu and mx_driving: a .pth file in the venv makes the fake
+                            mx_driving importable, and the fake torch_npu where
+                            BEVKIT_EMULATE_DEVICE=npu. Never installs torch_npu (without CANN it
+                            breaks `import torch`); needs no CANN; mmcv-full gets its CPU ops
   --jobs N                  parallel compile jobs for mmcv-full (default: number of CPUs)
   --system-packages         install tcmalloc with apt-get when it is missing (needs root)
   --force                   ignore the stamps of finished steps and run every step again
@@ -61,6 +67,7 @@ JOBS="$(nproc 2>/dev/null || echo 2)"
 SYSTEM_PACKAGES=0
 FORCE=0
 DRY_RUN=0
+EMULATE="${BEVKIT_EMULATE:-0}"
 
 need_value() { [[ $# -ge 2 && -n "$2" && "$2" != --* ]] || die_usage "option $1 needs a value"; }
 while [[ $# -gt 0 ]]; do
@@ -79,11 +86,13 @@ while [[ $# -gt 0 ]]; do
     --system-packages) SYSTEM_PACKAGES=1; shift ;;
     --force) FORCE=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
+    --emulate) EMULATE=1; shift ;;
     --*=*) die_usage "write '${1%%=*} ${1#*=}' (a space, not '=')" ;;
     *) die_usage "unknown option '$1'" ;;
   esac
 done
 
+[[ "$EMULATE" == 0 || "$EMULATE" == 1 ]] || die_usage "BEVKIT_EMULATE must be 0 or 1, got '$EMULATE'"
 [[ "$JOBS" =~ ^[1-9][0-9]*$ ]] || die_usage "--jobs must be a positive number, got '$JOBS'"
 IFS=',' read -r -a MODEL_LIST <<< "$MODELS"
 [[ ${#MODEL_LIST[@]} -gt 0 ]] || die_usage "--models needs at least one of: $ALL_MODELS"
@@ -95,7 +104,11 @@ command -v "$PYTHON" >/dev/null 2>&1 || die_usage "Python interpreter '$PYTHON' 
   || die_usage "$PYTHON is older than Python 3.8; pass --python with 3.8 or newer"
 
 # Profile: decided before torch exists, by the same code the kit uses (bevkit.device.detect_profile).
-if [[ -z "$PROFILE" ]]; then
+if [[ $EMULATE == 1 ]]; then
+  [[ -z "$PROFILE" || "$PROFILE" == npu ]] || die_usage "--emulate stands in for the npu profile; drop --profile $PROFILE"
+  PROFILE=npu
+  PROFILE_HOW="emulated"
+elif [[ -z "$PROFILE" ]]; then
   PROFILE="$(PYTHONPATH="$REPO_ROOT" "$PYTHON" -m bevkit.device profile)"
   PROFILE_HOW="detected"
 else
@@ -166,9 +179,13 @@ pip_install() { "$VPY" -m pip install "$@"; }
 with_env() { env "$@"; }  # step ... with_env VAR=1 cmd: keeps the variables in the stamped command line
 
 log "profile $PROFILE ($PROFILE_HOW), venv $VENV, models ${MODELS}, upstream $([[ $UPSTREAM == 1 ]] && echo "yes ($UPSTREAM_DIR)" || echo no)"
+FAKES="$REPO_ROOT/test/fakes"
+if [[ $EMULATE == 1 ]]; then
+  log "emulate: for tests only: the npu pins without torch_npu (never installed here: without CANN it breaks \`import torch\`) and without mx_driving; $FAKES stands in for both"
+fi
 
 # ---------------------------------------------------------------------------------------------- CANN
-if [[ "$PROFILE" == npu ]]; then
+if [[ "$PROFILE" == npu && $EMULATE == 0 ]]; then
   if [[ -z "$CANN_ENV" ]]; then
     for c in "${ASCEND_TOOLKIT_HOME:+$ASCEND_TOOLKIT_HOME/../set_env.sh}" /usr/local/Ascend/ascend-toolkit/set_env.sh; do
       if [[ -n "$c" && -f "$c" ]]; then CANN_ENV="$c"; break; fi
@@ -199,14 +216,23 @@ if [[ $DRY_RUN == 0 ]]; then
     fail "$VENV was set up for profile $(cat "$STAMPS/profile"), not $PROFILE: use another --venv, or delete $VENV"
   fi
   echo "$PROFILE" > "$STAMPS/profile"
+  # an emulated venv holds fakes where the real one holds torch_npu: never turn one into the other
+  if [[ -f "$STAMPS/emulate" && $EMULATE == 0 ]]; then
+    fail "$VENV was set up with --emulate (test fakes instead of torch_npu): add --emulate, or use another --venv"
+  elif [[ ! -f "$STAMPS/emulate" && $EMULATE == 1 && -f "$STAMPS/torch-npu" ]]; then
+    fail "$VENV was set up for a real npu: use another --venv for --emulate"
+  fi
+  if [[ $EMULATE == 1 ]]; then : > "$STAMPS/emulate"; fi
   echo "$MODELS" > "$STAMPS/models"  # bevkit.doctor checks these models by default
   PYV="$("$VPY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
   [[ "$PROFILE" != npu || "$PYV" == 3.8 ]] || log "venv: note: the npu reference stack is Python 3.8; this venv has $PYV"
 fi
 
 # ----------------------------------------------------------------------------------------------- torch
-step build-tools "setuptools<81 (newer ones lack pkg_resources, which mmcv's build needs), wheel" \
-  pip_install "setuptools<81" wheel
+# >=64: the kit's pyproject.toml editable install (older ones, like the 56.0 of Python 3.8's venv, install it as
+# 'UNKNOWN'); <81: newer ones lack pkg_resources, which mmcv's build needs
+step build-tools "setuptools>=64,<81 (the kit's pyproject.toml needs 64; mmcv's build needs pkg_resources, gone in 81), wheel" \
+  pip_install "setuptools>=64,<81" wheel
 
 TORCH_INDEX=()
 if [[ -n "${BEVKIT_TORCH_INDEX:-}" ]]; then TORCH_INDEX=(--extra-index-url "$BEVKIT_TORCH_INDEX"); fi
@@ -224,7 +250,45 @@ if [[ $DRY_RUN == 0 && "$PROFILE" == cpu ]]; then
     || fail "torch in $VENV is not a CPU build; remove it ($VPY -m pip uninstall -y torch) and rerun with BEVKIT_TORCH_INDEX=https://download.pytorch.org/whl/cpu"
 fi
 
-if [[ "$PROFILE" == npu ]]; then
+if [[ $DRY_RUN == 0 && "$PROFILE" == npu && $EMULATE == 0 && "$(uname -m)" == x86_64 ]]; then
+  # torch_npu's x86_64 wheels require torch==2.1.0+cpu; PyPI's x86_64 torch 2.1.0 is a CUDA build
+  "$VPY" -c 'import torch, sys; sys.exit(torch.version.cuda is not None)' 2>>"$LOG" \
+    || fail "torch in $VENV is a CUDA build; torch_npu on x86_64 requires the CPU one (+cpu): remove it ($VPY -m pip uninstall -y torch torchvision) and rerun with BEVKIT_TORCH_INDEX=https://download.pytorch.org/whl/cpu"
+fi
+
+if [[ "$PROFILE" == npu && $EMULATE == 1 ]]; then
+  # The fakes take the real packages' import names, through bevkit-npu-fakes.pth in site-packages:
+  # - mx_driving in every process, as on an Ascend host (a library: importing it claims no device; FB-OCC's
+  #   spconv stand-in is built from its sparse modules). The .pth names <venv>/bevkit-npu-fakes, which holds
+  #   only a link to test/fakes/mx_driving.
+  # - torch_npu only where the NPU is emulated (BEVKIT_EMULATE_DEVICE=npu, the kit's switch that makes CPU tensors
+  #   stand in for NPU ones): the fake reports 8 NPUs, which other processes could not put a tensor on. Without
+  #   the variable the venv sees no NPU, like the machine.
+  for pkg in torch-npu mx-driving; do
+    if [[ $DRY_RUN == 0 ]] && "$VPY" -m pip show "$pkg" >/dev/null 2>&1; then
+      fail "$VENV has the real $pkg installed, which --emulate replaces by a fake: remove it ($VPY -m pip uninstall -y $pkg)"
+    fi
+  done
+  FAKES_DIR="$VENV/bevkit-npu-fakes"
+  PTH_TEXT="$FAKES_DIR
+import os, sys; os.environ.get('BEVKIT_EMULATE_DEVICE') == 'npu' and sys.path.append('$FAKES')"
+  if [[ $DRY_RUN == 1 ]]; then
+    log "npu-fakes: would write bevkit-npu-fakes.pth into the venv's site-packages: mx_driving from $FAKES always, torch_npu with BEVKIT_EMULATE_DEVICE=npu"
+  else
+    [[ "$FAKES" != *[\'\\]* && "$FAKES$FAKES_DIR" != *$'\n'* ]] \
+      || fail "the path of the kit or the venv contains a quote, backslash or newline, which a .pth file cannot hold: move it for --emulate"
+    SITE="$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    if [[ -f "$SITE/bevkit-npu-fakes.pth" && "$(cat "$SITE/bevkit-npu-fakes.pth")" == "$PTH_TEXT" \
+          && "$(readlink "$FAKES_DIR/mx_driving")" == "$FAKES/mx_driving" ]]; then
+      log "npu-fakes: up to date"
+    else
+      mkdir -p "$FAKES_DIR"
+      ln -sfn "$FAKES/mx_driving" "$FAKES_DIR/mx_driving"
+      printf '%s\n' "$PTH_TEXT" > "$SITE/bevkit-npu-fakes.pth"
+      log "npu-fakes: wrote $SITE/bevkit-npu-fakes.pth: \`import mx_driving\` gives the fake from $FAKES, \`import torch_npu\` too where BEVKIT_EMULATE_DEVICE=npu"
+    fi
+  fi
+elif [[ "$PROFILE" == npu ]]; then
   NPU_PIN="$(PYTHONPATH="$REPO_ROOT" "$PYTHON" -m bevkit.doctor --torch-npu-pin)"
   step torch-npu "torch_npu==$NPU_PIN (matches the installed CANN; table: npu-cann.tsv)" \
     pip_install "torch-npu==$NPU_PIN" "${CONSTRAINTS[@]}"
@@ -241,10 +305,10 @@ MMCV_CACHE=()
 case "$PROFILE" in
   cuda) MMCV_ENV+=(FORCE_CUDA=1); MMCV_CACHE=(--no-cache-dir) ;;
   # pip's wheel cache does not know which ops a wheel was built with: never reuse one across profiles
-  npu) MMCV_ENV+=(FORCE_NPU=1); MMCV_CACHE=(--no-cache-dir) ;;
+  npu) if [[ $EMULATE == 0 ]]; then MMCV_ENV+=(FORCE_NPU=1); MMCV_CACHE=(--no-cache-dir); fi ;;  # emulate: CPU ops
 esac
 mmcv_ops_check() {
-  local pre="import torch"; [[ "$PROFILE" == npu ]] && pre="import torch, torch_npu"
+  local pre="import torch"; [[ "$PROFILE" == npu && $EMULATE == 0 ]] && pre="import torch, torch_npu"
   "$VPY" -c "$pre; import mmcv, mmcv._ext; assert mmcv.__version__ == '$MMCV_VERSION', mmcv.__version__"
 }
 MMCV_OK=0
@@ -259,7 +323,8 @@ if [[ $DRY_RUN == 0 ]]; then
     rm -f "$STAMPS/mmcv"
   fi
 fi
-step mmcv "mmcv-full $MMCV_VERSION with $PROFILE ops (a first build takes ~8-10 min on 2 cores; pip caches the wheel)" \
+MMCV_OPS="$PROFILE"; [[ $EMULATE == 1 ]] && MMCV_OPS="cpu (emulated npu)"
+step mmcv "mmcv-full $MMCV_VERSION with $MMCV_OPS ops (a first build takes ~8-10 min on 2 cores; pip caches the wheel)" \
   with_env "${MMCV_ENV[@]}" "$VPY" -m pip install --no-build-isolation ${MMCV_CACHE[@]+"${MMCV_CACHE[@]}"} \
   "mmcv-full==$MMCV_VERSION" "${CONSTRAINTS[@]}"
 if [[ $DRY_RUN == 0 && $MMCV_OK == 0 ]]; then
@@ -282,6 +347,10 @@ for m in "${MODEL_LIST[@]}"; do
 done
 
 # ------------------------------------------------------------------------------------------------ kit
+if [[ $DRY_RUN == 0 && -f "$STAMPS/kit" ]] && ! "$VPY" -m pip show bevkit >/dev/null 2>&1; then
+  log "kit: not installed under its name (setuptools < 61 ignores pyproject.toml's [project]); installing again"
+  rm -f "$STAMPS/kit"
+fi
 STEP_FILES=("$REPO_ROOT/pyproject.toml")
 step kit "the kit itself (editable: bevkit from $REPO_ROOT)" \
   pip_install -e "$REPO_ROOT" --no-build-isolation --no-deps
@@ -315,8 +384,15 @@ else
 fi
 
 ENV_FILE="$VENV/bevkit-env.sh"
-ENV_TEXT="# Written by setup.sh: what every run of the kit needs. Sourced by bin/activate and by tools/launch.
+ENV_TEXT="# Written by setup.sh: what every run of the kit needs. Sourced by bin/activate and by tools/launch."
+if [[ $EMULATE == 1 ]]; then
+  # no NPU here: the machine's own profile (detected at run time) decides where runs go
+  ENV_TEXT+="
+# --emulate: npu pins with test fakes for torch_npu / mx_driving; no BEVKIT_PROFILE (this machine has no NPU)"
+else
+  ENV_TEXT+="
 export BEVKIT_PROFILE=$PROFILE"
+fi
 if [[ "$PROFILE" == npu && -n "$CANN_ENV" ]]; then
   ENV_TEXT+="
 # CANN toolkit (npu)
@@ -367,7 +443,7 @@ if [[ $DRY_RUN == 1 ]]; then
   exit 0
 fi
 log "setup finished in $((SECONDS - START))s"
-if [[ $UPSTREAM == 1 ]]; then
+if [[ $UPSTREAM == 1 && $EMULATE == 0 ]]; then
   echo "Next: $REL_VENV/bin/python -m bevkit.doctor"
 else
   echo "Next: $REL_VENV/bin/python -m pytest -q"

@@ -85,11 +85,16 @@ VARIABLES: Tuple[Var, ...] = (
     Var("BEVKIT_VENV", "user", "<repo>/.venv", "the virtual environment setup.sh creates and the tools use"),
     Var("BEVKIT_PYTHON", "user", "<venv>/bin/python", "the Python the tools/* entries run"),
     Var("BEVKIT_TORCH_INDEX", "user", "-", "extra package index for torch (e.g. the PyTorch CPU wheels)"),
+    Var("BEVKIT_EMULATE", "user (tests)", "0",
+        "1: setup.sh --emulate (the npu pins with the test fakes for torch_npu / mx_driving, never torch_npu)"),
     # --- CI
     Var("BEVKIT_UPSTREAM_SOURCES", "user (CI)", "../shared/upstream",
         ".ci/run: folder holding FB-BEV.git.tar.gz and BEVDepth.git.tar.gz (else setup.sh clones from GitHub)"),
     Var("BEVKIT_CI", "setup (.ci/run)", "-", "1: a skipped test fails unless it is marked 'hardware' (GPU/NPU)"),
     Var("BEVKIT_TEST_TIMINGS", "setup (.ci/run)", "-", "file the test suite writes its time per phase to (JSON)"),
+    Var("BEVKIT_PY38", "user (CI)", "python3.8 on PATH, then pyenv's newest 3.8",
+        ".ci/py38: the Python 3.8 interpreter of the torch 2.1 lane"),
+    Var("BEVKIT_PY38_VENV", "user (CI)", "<repo>/.venv38", ".ci/py38: the lane's virtual environment"),
 )
 
 BY_NAME: Dict[str, Var] = {v.name: v for v in VARIABLES}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,14 +25,14 @@ def synthetic_root(tmp_path_factory):
     pytest.importorskip("mmcv")
     root = tmp_path_factory.mktemp("bevdepth-smoke") / "nuscenes"
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    subprocess.run([str(REPO_ROOT / ".venv/bin/python") if (REPO_ROOT / ".venv/bin/python").exists() else "python3",
-                    "-m", "bevkit.data.synthetic", "--out", str(root), "--quiet"],
+    subprocess.run([sys.executable, "-m", "bevkit.data.synthetic", "--out", str(root), "--quiet"],
                    check=True, env=env, timeout=1200)
     return root
 
 
 def test_smoke_trains_and_evaluates(bevdepth_checkout, synthetic_root, tmp_path):
-    env = dict(os.environ, BEVDEPTH_SRC=str(bevdepth_checkout))
+    # the interpreter running the tests trains too (tools/launch would take the repository's .venv)
+    env = dict(os.environ, BEVDEPTH_SRC=str(bevdepth_checkout), BEVKIT_PYTHON=sys.executable)
     proc = subprocess.run([str(REPO_ROOT / "bevdepth/test/train_smoke.sh"), "--data-root", str(synthetic_root),
                            "--work-dir", str(tmp_path / "runs")],
                           capture_output=True, text=True, env=env, timeout=3600)

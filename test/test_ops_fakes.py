@@ -50,7 +50,8 @@ def test_only_fp32_and_fp16_parameters(npu_optim):
     for dtype, ok in ((torch.float32, True), (torch.float16, True), (torch.bfloat16, False), (torch.float64, False)):
         model = _model(dtype)
         opt = npu_optim.NpuFusedAdamW(model.parameters(), lr=1e-2)
-        _backward(model)
+        for p in model.parameters():  # no backward: torch 2.1 has no fp16 matmul on the CPU ("addmm_impl_cpu_")
+            p.grad = torch.full_like(p, 0.5)
         if ok:
             opt.step()
         else:

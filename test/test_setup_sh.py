@@ -111,6 +111,83 @@ def test_npu_without_cann_fails_with_the_fix(tmp_path):
     assert not (tmp_path / "v").exists()
 
 
+def test_emulated_npu_plan_installs_the_npu_pins_and_fakes_never_torch_npu():
+    plan = _plan("--emulate", "--models", "bevdepth", "--no-upstream")
+    assert "profile npu (emulated)" in plan
+    emulate = next(line for line in plan.splitlines() if "emulate:" in line)
+    assert "never installed" in emulate and "torch_npu" in emulate and str(REPO / "test" / "fakes") in emulate
+    assert "cann:" not in plan  # no CANN needed
+    assert "torch-npu==" not in plan and "npu-accel.txt" not in plan  # neither torch_npu nor mx_driving
+    assert re.search(r"torch: would run: .*-r \S*/npu\.txt", plan)  # the npu profile's own pins
+    fakes = next(line for line in plan.splitlines() if "npu-fakes:" in line)
+    assert "bevkit-npu-fakes.pth" in fakes and "torch_npu with BEVKIT_EMULATE_DEVICE=npu" in fakes
+    mmcv = next(line for line in plan.splitlines() if "mmcv:" in line)
+    assert "MMCV_WITH_OPS=1" in mmcv and "FORCE_NPU" not in mmcv  # CPU ops: FORCE_NPU needs CANN
+    assert "profile npu (emulated)" in _plan(env={"BEVKIT_EMULATE": "1"})
+
+
+def _venv_with_stamps(folder: Path, *stamps: str) -> Path:
+    """A venv folder setup.sh would reuse, stamped as a venv it made. Its python answers queries but refuses pip,
+    so nothing is ever installed anywhere, whatever setup.sh does with it."""
+    (folder / "bin").mkdir(parents=True)
+    python = folder / "bin" / "python"
+    python.write_text(f'#!/bin/sh\ncase "$*" in *pip*) echo "test venv: no pip" >&2; exit 99;; esac\n'
+                      f'exec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    (folder / ".bevkit-stamps").mkdir()
+    (folder / ".bevkit-stamps" / "profile").write_text("npu\n")
+    for name in stamps:
+        (folder / ".bevkit-stamps" / name).write_text("x")
+    return folder
+
+
+def test_emulated_and_real_npu_venvs_are_never_turned_into_each_other(tmp_path):
+    set_env = tmp_path / "set_env.sh"
+    set_env.write_text("export ASCEND_HOME_PATH=/nonexistent\n")
+    emulated = _venv_with_stamps(tmp_path / "emulated", "emulate")
+    proc = run("--profile", "npu", "--cann-env", str(set_env), "--venv", str(emulated), "--no-upstream")
+    assert proc.returncode == 1 and "was set up with --emulate" in proc.stderr and "add --emulate" in proc.stderr
+    real = _venv_with_stamps(tmp_path / "real", "torch-npu")
+    proc = run("--emulate", "--venv", str(real), "--no-upstream")
+    assert proc.returncode == 1 and "set up for a real npu" in proc.stderr
+    assert not (real / ".bevkit-stamps" / "emulate").exists()
+    assert sorted(p.name for p in (emulated / ".bevkit-stamps").iterdir()) == ["emulate", "profile"]
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--emulate", "--profile", "cpu"], {}, "--emulate stands in for the npu profile"),
+    ([], {"BEVKIT_EMULATE": "yes"}, "BEVKIT_EMULATE must be 0 or 1"),
+])
+def test_emulate_argument_errors(args, env, message):
+    proc = run(*args, env=env)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_fakes_are_importable_only_in_an_emulated_venv():
+    """setup.sh --emulate makes the fake mx_driving importable in its venv (a .pth file), and the fake torch_npu
+    in processes with BEVKIT_EMULATE_DEVICE=npu only (it reports 8 NPUs); no other venv sees either."""
+
+    def which(module: str, emulate: bool) -> str:
+        env = {k: v for k, v in os.environ.items() if k not in ("BEVKIT_EMULATE_DEVICE", "PYTHONPATH")}
+        if emulate:
+            env["BEVKIT_EMULATE_DEVICE"] = "npu"
+        code = f"import {module}; print('fake' if getattr({module}, 'FAKE', False) or " \
+               f"{module}.__dict__.get('__version__') == '0.0.fake' else 'real')"
+        proc = subprocess.run([sys.executable, "-c", code], cwd="/", env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
+        if proc.returncode == 0:
+            return proc.stdout.strip()
+        assert f"No module named '{module}'" in proc.stderr, proc.stderr
+        return "missing"
+
+    seen = {(m, e): which(m, e) for m in ("torch_npu", "mx_driving") for e in (False, True)}
+    if (Path(sys.prefix) / ".bevkit-stamps" / "emulate").is_file():
+        assert seen == {("torch_npu", False): "missing", ("torch_npu", True): "fake",
+                        ("mx_driving", False): "fake", ("mx_driving", True): "fake"}
+    else:
+        assert set(seen.values()) == {"missing"}
+
+
 def test_cuda_plan_builds_mmcv_with_cuda():
     plan = _plan("--profile", "cuda")
     assert "FORCE_CUDA=1" in plan and "fbocc-cuda.txt" in plan and "torch-npu" not in plan
@@ -135,7 +212,8 @@ def _stamped_venv() -> Path:
 def test_second_run_is_a_quick_no_op():
     venv = _stamped_venv()
     profile = (venv / ".bevkit-stamps" / "profile").read_text().strip()
-    args = ("--profile", profile, "--venv", str(venv), "--no-upstream")
+    emulate = ("--emulate",) if (venv / ".bevkit-stamps" / "emulate").is_file() else ()
+    args = ("--profile", profile, *emulate, "--venv", str(venv), "--no-upstream")
     # The first run brings the venv up to date (pins may have changed since it was made); the second must not act.
     first = run(*args, timeout=1800)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -157,7 +235,8 @@ def test_setup_materializes_both_upstreams_from_local_sources(tmp_path):
     if not (os.environ.get("FBBEV_SRC") and os.environ.get("BEVDEPTH_SRC")):
         pytest.skip("needs FBBEV_SRC and BEVDEPTH_SRC (a clone, bare git dir or tarball of each upstream)")
     profile = (venv / ".bevkit-stamps" / "profile").read_text().strip()
-    args = ("--profile", profile, "--venv", str(venv), "--upstream-dir", str(tmp_path),
+    emulate = ("--emulate",) if (venv / ".bevkit-stamps" / "emulate").is_file() else ()
+    args = ("--profile", profile, *emulate, "--venv", str(venv), "--upstream-dir", str(tmp_path),
             "--fbbev-src", os.environ["FBBEV_SRC"], "--bevdepth-src", os.environ["BEVDEPTH_SRC"])
     proc = run(*args, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr

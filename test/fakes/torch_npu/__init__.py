@@ -21,6 +21,7 @@ from typing import Any, List, Tuple
 import torch
 
 from bevkit.emulation import EmulatedAutocast
+from bevkit.torchcompat import cpu_grad_scaler_class
 
 FAKE = True
 CALLS: List[Tuple[str, Any]] = []
@@ -43,13 +44,12 @@ class _Config:
     allow_internal_format = True
 
 
-class GradScaler(torch.amp.GradScaler if hasattr(torch.amp, "GradScaler") else object):
-    """Stands in for torch_npu.npu.amp.GradScaler (scales on the CPU)."""
+class GradScaler(cpu_grad_scaler_class()):
+    """Stands in for torch_npu.npu.amp.GradScaler (scales on the CPU where the torch can: bevkit.torchcompat)."""
 
     def __init__(self, *args, **kwargs):
         CALLS.append(("GradScaler", kwargs))
-        if hasattr(torch.amp, "GradScaler"):
-            super().__init__("cpu", *args, **kwargs)
+        super().__init__(*args, **kwargs)
 
 
 class autocast(EmulatedAutocast):
@@ -88,7 +88,13 @@ from . import optim  # noqa: E402  (torch_npu.optim.NpuFusedAdamW)
 from .optim import NpuFusedAdamW  # noqa: E402,F401
 
 npu.get_amp_supported_dtype = lambda: [torch.float16, torch.bfloat16]
-npu.is_autocast_enabled = lambda: False
+# The autocast state functions of torch_npu/npu/autocast_utils.py (Ascend/pytorch; default dtype float16 per the
+# torch_npu.npu.get_autocast_dtype doc page). torch 2.1's torch.autocast asserts the backend module has all five.
+_AUTOCAST = {"enabled": False, "dtype": torch.float16}
+npu.is_autocast_enabled = lambda: _AUTOCAST["enabled"]
+npu.set_autocast_enabled = lambda enable: _AUTOCAST.update(enabled=bool(enable))
+npu.get_autocast_dtype = lambda: _AUTOCAST["dtype"]
+npu.set_autocast_dtype = lambda dtype: _AUTOCAST.update(dtype=dtype)
 # torch.manual_seed seeds every registered device module that has these (torch_npu/npu/random.py)
 npu.manual_seed = npu.manual_seed_all = lambda seed: CALLS.append(("manual_seed", seed))
 npu._is_in_bad_fork = lambda: False

@@ -177,5 +177,6 @@ class NpuFusedAdamW(Optimizer):
                 torch.max(state["max_exp_avg_sq"], exp_avg_sq, out=state["max_exp_avg_sq"])
                 second = state["max_exp_avg_sq"]
             denom = (second.sqrt() / math.sqrt(bias_correction2)).add_(group["eps"])
-            param.addcdiv_(exp_avg, denom, value=-group["lr"] / bias_correction1)
+            step = exp_avg / denom  # division, not addcdiv: torch 2.1 has no fp16 addcdiv on the CPU
+            param.add_(step, alpha=-group["lr"] / bias_correction1)
         return loss
