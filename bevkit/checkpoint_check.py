@@ -26,7 +26,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 from bevkit.errors import CheckpointError
 from bevkit.registry import CheckpointFormat, ModelSpec, all_specs, get_spec

@@ -2,7 +2,8 @@
 stack, Python 3.8) and the current torch (2.13, Python 3.11).
 
 Every decision here goes by the running torch's version (:func:`torch_at_least`), so a test can take either
-branch on either stack by setting ``torch.__version__``. Importing this module does not import torch.
+branch on either stack by setting ``torch.__version__``; where no release note names the version, a probe of the
+running torch decides (:func:`function_modes_see_indexing`). Importing this module does not import torch.
 """
 from __future__ import annotations
 
@@ -22,6 +23,31 @@ def torch_version() -> Tuple[int, int]:
 
 def torch_at_least(major: int, minor: int) -> bool:
     return torch_version() >= (major, minor)
+
+
+_PROBED: dict = {}
+
+
+def function_modes_see_indexing() -> bool:
+    """Whether a ``TorchFunctionMode`` receives ``Tensor.__getitem__``. torch 2.13: yes; torch 2.1: no (indexing
+    bypasses modes), so a patch that rewrites indexing inside a mode would be listed as applied and change
+    nothing. Probed once per process."""
+    if "indexing" not in _PROBED:
+        import torch
+        from torch.overrides import TorchFunctionMode
+
+        seen = []
+
+        class Probe(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                seen.append(func)
+                return func(*args, **(kwargs or {}))
+
+        values = torch.zeros(2)
+        with Probe():
+            values[torch.tensor([True, False])]
+        _PROBED["indexing"] = torch.Tensor.__getitem__ in seen
+    return _PROBED["indexing"]
 
 
 def cpu_grad_scaler_class() -> type:

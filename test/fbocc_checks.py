@@ -451,6 +451,12 @@ def trilinear_axes():
 
 
 @check
+def _modes_see_indexing() -> bool:
+    from bevkit.torchcompat import function_modes_see_indexing
+
+    return function_modes_see_indexing()
+
+
 def masked_select_indexing():
     """voxel_pooling_prepare_v2 (float64) and the depth loss (float32, as upstream computes it) with boolean-mask
     indexing as masked_select: the same
@@ -497,7 +503,8 @@ def masked_select_indexing():
     return {"prepare_equal": all(torch.equal(a, b) for a, b in zip(ref, ours)), "kept": int(ref[0].numel()),
             "points": int(coor[..., 0].numel()), "masked_select_dims": sorted(set(calls)), "calls": len(calls),
             "depth_loss_equal": bool(torch.equal(losses[0][0], losses[1][0])),
-            "depth_grad_equal": bool(torch.equal(losses[0][1], losses[1][1])), "depth_loss": float(losses[0][0])}
+            "depth_grad_equal": bool(torch.equal(losses[0][1], losses[1][1])), "depth_loss": float(losses[0][0]),
+            "modes_see_indexing": _modes_see_indexing()}
 
 
 @check
@@ -778,6 +785,7 @@ def fake_npu_step():
     return {"applied": applied, "losses": results, "ops_called": ops_called, "train_ops": train_ops,
             "strided_convs": len(convs), "stem_pool": type(model.img_backbone.maxpool).__name__,
             "add_relu_calls": len(mx_driving.calls("npu_add_relu")), "counts": counts,
+            "modes_see_indexing": _modes_see_indexing(),
             "finite": all(math.isfinite(v) for r in results for v in r.values()),
             "profile": blockers[0].profile if blockers else None,
             "spconv_refused": blockers[0].why_refused("spconv") if blockers else None,

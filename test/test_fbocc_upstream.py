@@ -177,7 +177,11 @@ def test_fake_npu_step(fbbev_checkout, tmp_path):
     assert "npu_max_pool2d" not in f["train_ops"] and "npu_max_pool2d" in f["ops_called"]  # no backward: eval only
     assert f["stem_pool"] == "StemMaxPool2d"
     assert f["add_relu_calls"] >= 8 + 8  # ResNet-18 (8 blocks) forward + 3-D blocks; the eval forward adds 8
-    assert f["counts"]["masked_select"] >= 3 and f["counts"]["trilinear_reversed"] >= 2, f["counts"]
+    assert f["counts"]["trilinear_reversed"] >= 2, f["counts"]
+    if f["modes_see_indexing"]:  # torch 2.13
+        assert f["counts"]["masked_select"] >= 3 and "fbocc-masked-select-prepare" in f["applied"]["fbocc"]
+    else:  # torch 2.1: the patches would change nothing, so they are off (and the log says so)
+        assert f["counts"]["masked_select"] == 0 and "fbocc-masked-select-prepare" not in f["applied"]["fbocc"]
 
 
 def test_resnet_blocks_with_fused_add_relu_are_upstreams(checks):
@@ -199,7 +203,8 @@ def test_trilinear_on_reversed_axes(checks):
 def test_masked_select_indexing_is_bit_identical(checks):
     f = facts(checks, "masked_select_indexing")
     assert f["prepare_equal"] and 0 < f["kept"] < f["points"]  # some points outside the grid: a real selection
-    assert f["masked_select_dims"] == [1, 2] and f["calls"] >= 5  # 1-D ranks and 2-D coordinate rows, depth loss
+    if f["modes_see_indexing"]:  # torch 2.1 never routes indexing through the mode (the patches are off there)
+        assert f["masked_select_dims"] == [1, 2] and f["calls"] >= 5  # 1-D ranks and 2-D coordinate rows, depth loss
     assert f["depth_loss_equal"] and f["depth_grad_equal"] and f["depth_loss"] > 0
 
 

@@ -82,3 +82,24 @@ def test_cpu_grad_scaler_other_branch(monkeypatch):
         assert issubclass(cls, AmpGradScaler)
         cls(init_scale=8.0)
         assert seen == [("cpu", {"init_scale": 8.0})]
+
+
+def test_function_modes_and_indexing_probe_matches_the_stack():
+    """torch 2.13 hands Tensor.__getitem__ to function modes, torch 2.1 does not (the masked-select speed patches
+    are off there); the probe answers what a mode really sees."""
+    from torch.overrides import TorchFunctionMode
+
+    seen = []
+
+    class Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        torch.arange(3)[torch.tensor([True, False, True])]
+    assert torchcompat.function_modes_see_indexing() == (torch.Tensor.__getitem__ in seen)
+    if RUNNING == (2, 1):
+        assert not torchcompat.function_modes_see_indexing()
+    elif RUNNING >= (2, 13):
+        assert torchcompat.function_modes_see_indexing()

@@ -10,7 +10,6 @@ the upstream formulation in ``test/test_bevdepth_patches.py``. The speed techniq
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from pathlib import Path
 from typing import Any, Optional
@@ -18,14 +17,14 @@ from typing import Any, Optional
 import torch
 from torch.overrides import TorchFunctionMode
 
-from bevkit import checkpoints, env, log
+from bevkit import checkpoints, env
 from bevkit.data.decode import checked_image, naming_sample
 from bevkit.device import device_type, run_device
 from bevkit.models.bevdepth.pictures import dump_on_eval_step
 from bevkit.models.bevdepth.results import record_on_evaluate
 from bevkit.data import jpeg
 from bevkit.models.bevdepth.speed import (_get_image, _get_lidar_depth, _img_transform_draft, _numpy_for_dataset,
-                                          _targets_int32, _train_dataloader, depth_gt_path, get_geometry)
+                                          _targets_int32, _train_dataloader, get_geometry)
 from bevkit.patching import PatchSet, RuntimePatch
 
 LSS = "bevdepth.layers.backbones.base_lss_fpn"

@@ -34,7 +34,8 @@ from bevkit.models.fbocc.patches.npu import _batch_matvec, _cam2ego_coor, _conv1
 from bevkit.data import jpeg
 from bevkit.models.fbocc.patches.speed import (_basic_block3d_forward, _basic_block_forward, _bottleneck3d_forward,
                                                _bottleneck_forward, _functional_trilinear_reversed, _jpeg_draft,
-                                               _masked_select_indexing, _pinned_dataloader, _stem_layer)
+                                               _masked_select_indexing, _pinned_dataloader, _stem_layer,
+                                               masked_select_possible)
 from bevkit.models.fbocc.patches.ops import _bev_pool, _da_msda_forward, _functional_with_ops, _msda_pytorch
 from bevkit.models.fbocc.pictures import dump_on_evaluate_occupancy
 from bevkit.models.fbocc.results import record_on_evaluate
@@ -182,12 +183,13 @@ PATCHES = PatchSet("fbocc", [
     RuntimePatch("fbocc-occ-head-trilinear-axes", f"{FB}.heads.occupancy_head:F", _functional_trilinear_reversed,
                  devices=NPU, why="OccHead.forward_coarse_voxel's trilinear upsampling, the same way."),
     RuntimePatch("fbocc-masked-select-prepare", f"{VT}:LSSViewTransformerFunction3D.voxel_pooling_prepare_v2",
-                 _masked_select_indexing, devices=NPU,
+                 _masked_select_indexing, devices=NPU, enabled=masked_select_possible,
                  why="Boolean-mask indexing of the frustum points as torch.masked_select (one NPU op)."),
     RuntimePatch("fbocc-masked-select-prepare-2d", f"{VT}:LSSViewTransformerFunction.voxel_pooling_prepare_v2",
-                 _masked_select_indexing, devices=NPU, why="The same in the 2-D LSS view transformer."),
+                 _masked_select_indexing, devices=NPU, enabled=masked_select_possible,
+                 why="The same in the 2-D LSS view transformer."),
     RuntimePatch("fbocc-masked-select-depth-loss", f"{FB}.modules.depth_net:CM_DepthNet.get_depth_loss",
-                 _masked_select_indexing, devices=NPU,
+                 _masked_select_indexing, devices=NPU, enabled=masked_select_possible,
                  why="The depth loss's foreground selection as torch.masked_select."),
     RuntimePatch("fbocc-pin-memory", "mmdet3d.datasets.builder:DataLoader", _pinned_dataloader,
                  devices=ACCELERATORS,

@@ -198,6 +198,18 @@ class MaskedSelectIndexing(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def masked_select_possible() -> bool:
+    """The masked-select patches act only where torch hands indexing to function modes (not torch 2.1, the Ascend
+    reference stack: there upstream's boolean indexing runs, and the log says so)."""
+    from bevkit import log, torchcompat
+
+    if torchcompat.function_modes_see_indexing():
+        return True
+    log.get("patches").warning("fbocc-masked-select-*: off on this torch (indexing bypasses function modes); "
+                               "upstream's boolean-mask indexing runs")
+    return False
+
+
 def _masked_select_indexing(original):
     @functools.wraps(original)
     def with_masked_select(*args, **kwargs):
