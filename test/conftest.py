@@ -80,11 +80,31 @@ def fake_torch_npu(monkeypatch):
                                                   submodule_search_locations=[str(fakes / "torch_npu")])
     mod = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "torch_npu", mod)
-    had_npu = hasattr(torch, "npu")
+    previous = getattr(torch, "npu", None)
     spec.loader.exec_module(mod)
-    if not had_npu:
+    if previous is None:
         monkeypatch.delattr(torch, "npu", raising=False)
+    else:  # e.g. the stand-in pytest_runtest_teardown leaves
+        monkeypatch.setattr(torch, "npu", previous)
     return mod
+
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """After a test that imported the fake torch_npu in this process: torch keeps its 'npu' backend name and the
+    fake's accelerator hooks (neither can be unregistered), so torch.accelerator and torch.optim's step ask for
+    torch.npu. Fixtures remove the fake module; a stand-in that reports no NPU keeps the later tests on a plain
+    CPU machine."""
+    torch = sys.modules.get("torch")
+    if torch is None or hasattr(torch, "npu") or torch._C._get_privateuse1_backend_name() != "npu":
+        return
+    import types
+
+    retired = types.ModuleType("torch.npu")
+    retired.__doc__ = "The fake torch_npu was unloaded after a test: no NPU in this process."
+    retired.is_available = lambda: False
+    retired.device_count = lambda: 0
+    torch.npu = retired
 
 
 # ------------------------------------------------------------------------------------------------ CI policy

@@ -450,13 +450,13 @@ def trilinear_axes():
     return out
 
 
-@check
 def _modes_see_indexing() -> bool:
     from bevkit.torchcompat import function_modes_see_indexing
 
     return function_modes_see_indexing()
 
 
+@check
 def masked_select_indexing():
     """voxel_pooling_prepare_v2 (float64) and the depth loss (float32, as upstream computes it) with boolean-mask
     indexing as masked_select: the same

@@ -300,13 +300,20 @@ exec {sys.executable} "$@"
     return folder
 
 
+def _terminal_sigint() -> None:
+    """SIGINT as a terminal's shell gives it. A test run started in the background by a non-interactive shell
+    (`cmd &`) inherits SIGINT ignored, and bash can neither trap nor reset a signal ignored at its start."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_in_setup_sh_is_one_line_and_a_rerun_continues(tmp_path):
     venv = _fake_venv(tmp_path / "venv")
     before = snapshot(venv / "bin")
     env = kit_env()
     proc = subprocess.Popen(["bash", str(REPO_ROOT / "setup.sh"), "--profile", "cpu", "--venv", str(venv),
                              "--no-upstream", "--models", "bevdepth"], cwd=str(tmp_path), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_terminal_sigint)
     log = venv / "bevkit-setup.log"
     deadline = time.monotonic() + 120
     while not (log.is_file() and "Collecting" in log.read_text()):
