@@ -9,6 +9,7 @@ Each check returns a dict of measured facts (written to OUT.json) or raises; the
 """
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import math
 import os
@@ -789,6 +790,7 @@ def fake_npu_step():
             "finite": all(math.isfinite(v) for r in results for v in r.values()),
             "profile": blockers[0].profile if blockers else None,
             "spconv_refused": blockers[0].why_refused("spconv") if blockers else None,
+            "spconv_on_path": importlib.machinery.PathFinder.find_spec("spconv") is not None,
             "spconv_shim": bool(getattr(sys.modules.get("spconv"), "__bevkit_spconv_shim__", False))}
 
 

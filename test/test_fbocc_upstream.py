@@ -161,7 +161,9 @@ def test_fake_npu_step(fbbev_checkout, tmp_path):
                      PYTHONPATH=os.pathsep.join([str(fakes), str(REPO)]))["fake_npu_step"]
     assert res["ok"], res.get("traceback")
     f = res["facts"]
-    assert f["profile"] == "npu" and "spconv" in f["spconv_refused"]  # the cpu environment's spconv is out of reach
+    assert f["profile"] == "npu"
+    if f["spconv_on_path"]:  # the cpu venv's spconv is out of reach (the emulated npu venv has none at all)
+        assert "spconv" in f["spconv_refused"]
     assert f["spconv_shim"] and f["finite"]  # FB-BEV's spconv.pytorch imports are mx_driving's sparse modules
     assert {"fbocc-lidar-coor-rank6", "fbocc-point-sampling-rank6", "fbocc-conv3d-shortcut-stride"} <= \
         set(f["applied"]["fbocc"])
@@ -169,9 +171,8 @@ def test_fake_npu_step(fbbev_checkout, tmp_path):
     assert {"bev_pool_v3", "multi_scale_deformable_attn", "grid_sampler3d_v1"} <= set(f["ops_called"]), f
     # the DrivingSDK port's speed techniques, applied on the (emulated) NPU
     speed = {"fbocc-npu-batch-matmul", "fbocc-resnet-add-relu", "fbocc-resnet-stem-maxpool", "fbocc-resnet3d-add-relu",
-             "fbocc-fpn3d-trilinear-axes", "fbocc-occ-head-trilinear-axes", "fbocc-masked-select-prepare",
-             "fbocc-masked-select-depth-loss", "fbocc-pin-memory"}
-    assert speed <= set(f["applied"]["fbocc"]), f["applied"]
+             "fbocc-fpn3d-trilinear-axes", "fbocc-occ-head-trilinear-axes", "fbocc-pin-memory"}
+    assert speed <= set(f["applied"]["fbocc"]), f["applied"]  # the masked-select ones depend on torch: below
     assert "fbocc-jpeg-draft" not in f["applied"]["fbocc"]  # opt-in
     assert {"npu_add_relu", "npu_batch_matmul"} <= set(f["train_ops"]), f
     assert "npu_max_pool2d" not in f["train_ops"] and "npu_max_pool2d" in f["ops_called"]  # no backward: eval only
@@ -179,7 +180,8 @@ def test_fake_npu_step(fbbev_checkout, tmp_path):
     assert f["add_relu_calls"] >= 8 + 8  # ResNet-18 (8 blocks) forward + 3-D blocks; the eval forward adds 8
     assert f["counts"]["trilinear_reversed"] >= 2, f["counts"]
     if f["modes_see_indexing"]:  # torch 2.13
-        assert f["counts"]["masked_select"] >= 3 and "fbocc-masked-select-prepare" in f["applied"]["fbocc"]
+        assert f["counts"]["masked_select"] >= 3
+        assert {"fbocc-masked-select-prepare", "fbocc-masked-select-depth-loss"} <= set(f["applied"]["fbocc"])
     else:  # torch 2.1: the patches would change nothing, so they are off (and the log says so)
         assert f["counts"]["masked_select"] == 0 and "fbocc-masked-select-prepare" not in f["applied"]["fbocc"]
 

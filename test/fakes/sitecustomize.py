@@ -114,7 +114,10 @@ def _observe_torch(torch):
     wrap(clip_grad, "clip_grad_norm_", after=clipped)
     torch.nn.utils.clip_grad_norm_ = clip_grad.clip_grad_norm_
 
-    scaler_cls = importlib.import_module("torch.amp.grad_scaler").GradScaler
+    try:
+        scaler_cls = importlib.import_module("torch.amp.grad_scaler").GradScaler
+    except ImportError:  # torch < 2.3 (2.1 on the Ascend reference stack): GradScaler lives in torch.cuda.amp
+        scaler_cls = importlib.import_module("torch.cuda.amp.grad_scaler").GradScaler
 
     def scaler_step(result, scaler, *args, **kwargs):
         RECORD["scaler"].append({"scaler": f"{type(scaler).__module__}.{type(scaler).__qualname__}",
