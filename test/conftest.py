@@ -107,6 +107,26 @@ def pytest_runtest_teardown(item, nextitem):
     torch.npu = retired
 
 
+@pytest.fixture
+def fake_npu(monkeypatch):
+    """The fake torch_npu imported by name from test/fakes (as the kit imports it), fresh for one test."""
+    import importlib
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "fakes"))
+    for name in [m for m in sys.modules if m == "torch_npu" or m.startswith("torch_npu.")]:
+        monkeypatch.delitem(sys.modules, name)
+    fake = importlib.import_module("torch_npu")
+    assert getattr(fake, "FAKE", False), "the real torch_npu must never be imported by tests"
+    fake.CALLS.clear()
+    yield fake
+    for name in [m for m in sys.modules if m == "torch_npu" or m.startswith("torch_npu.")]:
+        sys.modules.pop(name, None)
+    if getattr(getattr(torch, "npu", None), "__name__", "") == "torch_npu.npu":
+        delattr(torch, "npu")
+
+
 # ------------------------------------------------------------------------------------------------ CI policy
 #: Set by .ci/run. In CI only tests marked ``hardware`` (they need a CUDA GPU or an Ascend NPU, or need none)
 #: may skip; any other skip means something CI must check was not checked (an upstream missing, a package

@@ -10,9 +10,7 @@ stepped (skipped on inf/NaN), with every optimizer the kit builds.
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,21 +29,6 @@ from bevkit.models.bevdepth.patches import make_optimizer  # noqa: E402
 
 FAKES = Path(__file__).resolve().parent / "fakes"
 CLIP = 5.0  # upstream's gradient_clip_val (bevkit.models.bevdepth.cli.build_parser)
-
-
-@pytest.fixture
-def fake_npu(monkeypatch):
-    monkeypatch.syspath_prepend(str(FAKES))
-    for name in [m for m in sys.modules if m == "torch_npu" or m.startswith("torch_npu.")]:
-        monkeypatch.delitem(sys.modules, name)
-    fake = importlib.import_module("torch_npu")
-    assert getattr(fake, "FAKE", False), "the real torch_npu must never be imported by tests"
-    fake.CALLS.clear()
-    yield fake
-    for name in [m for m in sys.modules if m == "torch_npu" or m.startswith("torch_npu.")]:
-        sys.modules.pop(name, None)
-    if getattr(getattr(torch, "npu", None), "__name__", "") == "torch_npu.npu":
-        delattr(torch, "npu")
 
 
 def precision_plugin_of(trainer_kwargs: dict) -> PrecisionPlugin:

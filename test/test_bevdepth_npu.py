@@ -3,7 +3,6 @@ fake torch_npu (test/fakes/torch_npu): no Ascend hardware, no upstream needed.""
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
@@ -16,21 +15,6 @@ prepare_imports()
 pl = pytest.importorskip("pytorch_lightning")
 
 FAKES = Path(__file__).resolve().parent / "fakes"
-
-
-@pytest.fixture
-def fake_npu(monkeypatch):
-    monkeypatch.syspath_prepend(str(FAKES))
-    for name in [m for m in sys.modules if m == "torch_npu" or m.startswith("torch_npu.")]:
-        monkeypatch.delitem(sys.modules, name)
-    fake = importlib.import_module("torch_npu")
-    assert getattr(fake, "FAKE", False), "the real torch_npu must never be imported by tests"
-    fake.CALLS.clear()
-    yield fake
-    for name in [m for m in sys.modules if m == "torch_npu" or m.startswith("torch_npu.")]:
-        sys.modules.pop(name, None)
-    if getattr(getattr(torch, "npu", None), "__name__", "") == "torch_npu.npu":
-        delattr(torch, "npu")
 
 
 def test_accelerator_devices(fake_npu, monkeypatch):
