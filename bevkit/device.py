@@ -20,6 +20,8 @@ import shutil
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Optional
 
+from bevkit import torchcompat
+
 DEVICES = ("npu", "cuda", "cpu")
 
 #: Distributed backend per device type (real devices; emulated ones use gloo on CPU tensors).
@@ -251,13 +253,14 @@ class RunDevice:
 
             return torch_npu.npu.amp.GradScaler(*args, **kwargs)
         if self.kind == "cuda":
-            memory = "cpu" if self.emulated else "cuda"
-            if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
-                return torch.amp.GradScaler(memory, *args, **kwargs)
-            if memory == "cuda":
+            if not self.emulated:
+                if torchcompat.torch_at_least(2, 3):  # torch.amp.GradScaler(device) from 2.3
+                    return torch.amp.GradScaler("cuda", *args, **kwargs)
                 return torch.cuda.amp.GradScaler(*args, **kwargs)
-            raise RuntimeError(f"torch {torch.__version__} has no CPU GradScaler for an emulated cuda run "
-                               "(torch >= 2.3 has)")
+            if not torchcompat.cpu_fp16_amp():
+                raise RuntimeError(f"torch {torch.__version__} cannot emulate cuda's fp16 AMP on CPU tensors (no fp16 "
+                                   "CPU autocast, no CPU GradScaler): use torch >= 2.3, or run on a CUDA GPU")
+            return torch.amp.GradScaler("cpu", *args, **kwargs)  # the class the device gets, on CPU memory
         return None
 
     @contextlib.contextmanager

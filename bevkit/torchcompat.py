@@ -50,6 +50,14 @@ def function_modes_see_indexing() -> bool:
     return _PROBED["indexing"]
 
 
+def cpu_fp16_amp() -> bool:
+    """Whether fp16 mixed precision can run on CPU tensors, as an emulated device's AMP path needs it: fp16
+    autocast on the CPU and a CPU GradScaler. torch >= 2.3: both. torch 2.1: neither (CPU autocast refuses
+    float16, "AutocastCPU only support Bfloat16"; no CPU unscale/update kernels), so on that stack the fp16 path
+    of CUDA or NPU runs only on the device itself."""
+    return torch_at_least(2, 3)
+
+
 def cpu_grad_scaler_class() -> type:
     """A GradScaler class for CPU tensors (the fake torch_npu's amp.GradScaler derives from it).
 
@@ -61,7 +69,7 @@ def cpu_grad_scaler_class() -> type:
     """
     import torch
 
-    if torch_at_least(2, 3):
+    if cpu_fp16_amp():
         base = torch.amp.GradScaler
 
         class CPUGradScaler(base):  # type: ignore[misc,valid-type]

@@ -103,3 +103,31 @@ def test_function_modes_and_indexing_probe_matches_the_stack():
         assert not torchcompat.function_modes_see_indexing()
     elif RUNNING >= (2, 13):
         assert torchcompat.function_modes_see_indexing()
+
+
+def test_cpu_fp16_amp_matches_what_the_running_torch_can_do():
+    """The decision agrees with the running torch: fp16 autocast and a CPU GradScaler both work, or neither."""
+    a = torch.ones(2, 2)
+    if torchcompat.cpu_fp16_amp():
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert torch.mm(a, a).dtype == torch.float16
+        assert torch.amp.GradScaler("cpu").is_enabled()
+    else:  # torch 2.1: "AutocastCPU only support Bfloat16 as the autocast_cpu_dtype"
+        with pytest.raises(RuntimeError, match="Bfloat16"):
+            with torch.autocast("cpu", dtype=torch.float16):
+                torch.mm(a, a)
+        assert not hasattr(torch.amp, "GradScaler")
+
+
+def test_emulated_cuda_scaler_follows_the_decision(monkeypatch):
+    """An emulated cuda run gets the GradScaler class of a real one on CPU memory, or, where torch cannot do fp16
+    on CPU tensors, one line that says so and what to use."""
+    from bevkit.device import RunDevice
+
+    run = RunDevice("cuda", emulated=True)
+    if torchcompat.cpu_fp16_amp():
+        scaler = run.grad_scaler(init_scale=1024.0)
+        assert type(scaler) is torch.amp.GradScaler and scaler.is_enabled()
+        monkeypatch.setattr(torch, "__version__", "2.1.0+cu121")
+    with pytest.raises(RuntimeError, match=r"cannot emulate cuda's fp16 AMP .*use torch >= 2.3, or run on a CUDA GPU"):
+        run.grad_scaler()
