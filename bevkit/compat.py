@@ -166,6 +166,24 @@ def _run_device_grad_scaler(original):
         return run_device().grad_scaler(*args, **kwargs)
 
     return grad_scaler
+def _fp16_casts_as_bf16(original):
+    """mmcv's fp16 casts (auto_fp16: float -> half, force_fp32: half -> float) with bfloat16 for half."""
+    import torch
+
+    def cast_tensor_type(inputs, src_type, dst_type):
+        src_type = torch.bfloat16 if src_type == torch.half else src_type
+        dst_type = torch.bfloat16 if dst_type == torch.half else dst_type
+        return original(inputs, src_type, dst_type)
+
+    return cast_tensor_type
+
+
+def _no_cpu_fp16() -> bool:
+    from bevkit import torchcompat
+
+    return not torchcompat.cpu_fp16_amp()
+
+
 def _torch_safe_load(original):
     from bevkit.torch_load import TorchWithSafeLoad
 
@@ -218,6 +236,14 @@ PATCHES = PatchSet("common", [
         devices=("cuda",), on="emulation",
         why="emulated cuda only: mmcv's Fp16OptimizerHook builds torch.cuda.amp.GradScaler, which disables itself "
             "without CUDA; the run device's scaler (torch's CPU GradScaler) scales the loss as on the GPU."),
+    RuntimePatch(
+        name="mmcv-fp16-casts-bf16-emulated",
+        target="mmcv.runner.fp16_utils:cast_tensor_type",
+        build=_fp16_casts_as_bf16,
+        devices=("npu", "cuda"), on="emulation", enabled=_no_cpu_fp16,
+        why="emulated devices on torch < 2.3 only (torch 2.1, the npu profile's): CPU autocast there takes "
+            "bfloat16 only and refuses to mix it with fp16 inputs, so the emulated autocast runs in bfloat16 "
+            "(bevkit.emulation) and mmcv's auto_fp16/force_fp32 cast to and from bfloat16 instead of half."),
     RuntimePatch(
         name="mmcv-checkpoint-weights-only",
         target="mmcv.runner.checkpoint:torch",

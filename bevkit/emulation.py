@@ -16,6 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from bevkit import log, torchcompat
+
+_said = {"bf16": False}
+
 _LOWER = (torch.float16, torch.bfloat16)
 
 #: ops CUDA/NPU autocast runs in float32 (the 'fp32' and 'fp32_set_opt_dtype' / 'fp32_append_dtype' lists)
@@ -98,6 +102,15 @@ class EmulatedAutocast(torch.autocast):
     ``dtype`` (fp16 by default, as on the devices) with the device's float32 / promote / banned op rules."""
 
     def __init__(self, enabled: bool = True, dtype: torch.dtype = torch.float16, cache_enabled: bool = True):
+        if dtype == torch.float16 and not torchcompat.cpu_fp16_amp():
+            # torch 2.1 (the npu profile's): no fp16 CPU autocast. bfloat16 is the nearest the CPU has, so the
+            # device's autocast path (its op rules, the scaler, clipping) still runs; the loss scaler of such a
+            # torch passes through (torchcompat.cpu_grad_scaler_class), as bf16 needs no scaling.
+            if not _said["bf16"]:
+                _said["bf16"] = True
+                log.get("emulate").info(f"torch {torch.__version__} has no fp16 autocast on CPU tensors: the "
+                                        "emulated device's autocast runs in bfloat16 (fp16 on the device)")
+            dtype = torch.bfloat16
         super().__init__("cpu", enabled=enabled, dtype=dtype, cache_enabled=cache_enabled)
         self._policy = None
 

@@ -133,6 +133,10 @@ def fake_npu(monkeypatch):
 #: setup.sh should have installed), so it fails the run and says which test and why.
 IN_CI = os.environ.get("BEVKIT_CI") == "1"
 
+#: The tools/* entries the tests start run with the Python running the tests: without it they take the
+#: repository's .venv or python3 on PATH, which is another Python in the Python 3.8 lane's .venv38.
+os.environ.setdefault("BEVKIT_PYTHON", sys.executable)
+
 #: Phase of a test for the timing table: smoke runs (marker ``slow``), tests on the real upstream code
 #: (marker ``upstream`` or an upstream checkout fixture) and the rest.
 _UPSTREAM_FIXTURES = {"fbbev_checkout", "bevdepth_checkout"}

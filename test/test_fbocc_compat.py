@@ -32,8 +32,9 @@ def test_torchvision_imports_after_shim_in_fresh_process():
 def test_numpy_alias_patch_applies_and_undoes():
     import numpy as np
 
-    from bevkit.compat import PATCHES
+    from bevkit.compat import PATCHES, prepare_imports
 
+    prepare_imports()  # applying the set imports mmcv (its other patches' targets): not only after other tests did
     had_bool = hasattr(np, "bool") and np.__dict__.get("bool") is not None
     PATCHES.apply("cpu")
     try:
@@ -68,3 +69,29 @@ def test_mmcv_version_as_restores(monkeypatch):
     with mmcv_version_as("1.7.0"):
         assert fake.__version__ == "1.7.0"
     assert fake.__version__ == "1.7.2"
+
+
+def test_mmcv_fp16_casts_go_to_bf16_only_where_the_cpu_lacks_fp16(monkeypatch):
+    """Patch mmcv-fp16-casts-bf16-emulated: only on an emulated device with a torch without fp16 CPU autocast
+    (torch 2.1); there auto_fp16 casts float to bfloat16 and force_fp32 casts bfloat16 back, other dtypes kept."""
+    import torch
+
+    from bevkit.compat import PATCHES, prepare_imports
+    from bevkit.device import RunDevice
+
+    prepare_imports()
+    from mmcv.runner import fp16_utils
+
+    (patch,) = [p for p in PATCHES.patches if p.name == "mmcv-fp16-casts-bf16-emulated"]
+    npu, cuda = RunDevice("npu", emulated=True), RunDevice("cuda", emulated=True)
+    for version, applies in (("2.1.0+cpu", True), ("2.13.0+cpu", False)):
+        monkeypatch.setattr(torch, "__version__", version)
+        assert patch.applies_to(npu) is applies and patch.applies_to(cuda) is applies
+        assert not patch.applies_to(RunDevice("npu")) and not patch.applies_to("cpu")
+    patch.resolve()  # the target exists in this mmcv
+    cast = patch.build(fp16_utils.cast_tensor_type)
+    inputs = {"x": torch.ones(2), "idx": torch.arange(2), "nested": [torch.zeros(1)]}
+    lowered = cast(inputs, torch.float, torch.half)
+    assert lowered["x"].dtype == lowered["nested"][0].dtype == torch.bfloat16 and lowered["idx"].dtype == torch.int64
+    back = cast(lowered, torch.half, torch.float)
+    assert back["x"].dtype == back["nested"][0].dtype == torch.float32 and back["idx"].dtype == torch.int64

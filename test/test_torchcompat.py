@@ -131,3 +131,16 @@ def test_emulated_cuda_scaler_follows_the_decision(monkeypatch):
         monkeypatch.setattr(torch, "__version__", "2.1.0+cu121")
     with pytest.raises(RuntimeError, match=r"cannot emulate cuda's fp16 AMP .*use torch >= 2.3, or run on a CUDA GPU"):
         run.grad_scaler()
+
+
+def test_emulated_autocast_lowers_to_what_the_cpu_can_do():
+    """An emulated device's autocast: fp16 where CPU tensors can take it, else bfloat16 (torch 2.1); either way with
+    the device's float32 rule for softmax."""
+    from bevkit.emulation import EmulatedAutocast
+
+    a = torch.ones(2, 2)
+    with EmulatedAutocast():
+        out = torch.mm(a, a)
+        soft = torch.softmax(out, 0)
+    assert out.dtype == (torch.float16 if torchcompat.cpu_fp16_amp() else torch.bfloat16)
+    assert soft.dtype == torch.float32
