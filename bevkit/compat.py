@@ -166,6 +166,8 @@ def _run_device_grad_scaler(original):
         return run_device().grad_scaler(*args, **kwargs)
 
     return grad_scaler
+
+
 def _fp16_casts_as_bf16(original):
     """mmcv's fp16 casts (auto_fp16: float -> half, force_fp32: half -> float) with bfloat16 for half."""
     import torch
