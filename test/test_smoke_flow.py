@@ -169,3 +169,14 @@ def test_a_resumed_smoke_training_is_evaluated_as_a_new_checkpoint(monkeypatch, 
     train, evaluation = flow["launches"]
     assert train.resume == str(tmp_path / "earlier") and evaluation.resume is None
     assert evaluation.checkpoint == tmp_path / "run1" / "latest.pth"
+
+
+def test_the_evaluation_uses_the_config_the_flow_trained(monkeypatch, flow, tmp_path):
+    """``--config MINE``: the flow's evaluation builds the model from MINE too (a different width would not load)."""
+    monkeypatch.setattr(smoke, "load_spec", lambda model, ref: _spec("latest.pth"))
+    mine = tmp_path / "mine.py"
+    (tmp_path / "d").mkdir()
+    assert smoke.run(Request(mode="demo", model="toy", data_root=tmp_path / "d", config=mine),
+                     flow["launch_once"]) == 0
+    train, evaluation = flow["launches"]
+    assert train.config == evaluation.config == mine and evaluation.mode == "eval"

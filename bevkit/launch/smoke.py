@@ -51,8 +51,9 @@ def default_data_root(environ=None, spec: Optional[ModelSpec] = None, mode: str 
 
 
 def evaluation_after(train: Request, run_dir: Path, spec: ModelSpec) -> Request:
-    """The evaluation of what the flow's training ``train`` wrote into ``run_dir``."""
-    return dataclasses.replace(train, mode="eval", config=REPO_ROOT / spec.configs[train.mode],
+    """The evaluation of what the flow's training ``train`` wrote into ``run_dir`` (with the config it trained)."""
+    config = train.config if train.config is not None else REPO_ROOT / spec.configs[train.mode]
+    return dataclasses.replace(train, mode="eval", config=config,
                                checkpoint=run_dir / spec.smoke_eval_checkpoint, flow=train.mode, resume=None)
 
 
