@@ -68,9 +68,9 @@ VARIABLES: Tuple[Var, ...] = (
         "(one call, no padding, as the DrivingSDK ports; compare with tools/npu_ab)"),
     Var("BEVKIT_WORKERS", "user", "FB-OCC: the config's; BEVDepth training: 8 on NPU/CUDA, upstream's 4 on CPU",
         "dataloader workers per process"),
-    Var("BEVKIT_JPEG_DRAFT", "user", "-",
+    Var("BEVKIT_JPEG_DRAFT", "user", "-; 1 in demo runs",
         "1: camera JPEGs decoded at the reduced DCT scale the resize needs (PIL draft mode; both models; faster, "
-        "changes the input pixels slightly, see bevdepth/README.md)"),
+        "changes the input pixels slightly, see bevdepth/README.md); 0: full decode, also in demo runs"),
     Var("BEVKIT_CKPT_DIR", "user", "-",
         "pretrained checkpoints folder, searched first (then DATA_ROOT/ckpts, then the torch hub cache)"),
     Var("BEVKIT_PRETRAINED", "user", "-", "'none': BEVDepth trains its image backbone from scratch"),

@@ -125,6 +125,9 @@ class ModelSpec:
     #: demo runs: options of ``python -m bevkit.data.synthetic`` for the data a demo generates when no --data-root
     #: is given (its folder is named after them, so data of other options is never reused)
     demo_data: Tuple[str, ...] = ()
+    #: demo runs (the training and its evaluation): environment defaults of the training processes; a variable
+    #: already in the user's environment wins (as with configs/env files)
+    demo_env: Dict[str, str] = field(default_factory=dict)
     #: pretrained checkpoints the reference recipe loads: (bevkit.checkpoints.Checkpoint, what it is used as)
     checkpoints: Tuple[Tuple[Any, str], ...] = ()
     #: what the model's own checkpoints look like (checks before eval / resume / --checkpoint; None: unchecked)

@@ -319,3 +319,26 @@ def test_plan_is_pure_given_the_machine(stub, monkeypatch, tmp_path):
                              "--x", "1"]
     assert plan.env_set["OMP_NUM_THREADS"] == "2" and plan.request.max_steps == launch.DEFAULT_PERFORMANCE_STEPS
     assert plan.launch is request and plan.batch_per_device == 4 and not stub.work.exists()
+
+
+def test_demo_environment_defaults_reach_demo_runs_only_and_the_user_wins(stub, monkeypatch):
+    """A model's ``demo_env`` (BEVDepth: JPEG draft decoding) is set for its demo runs, the training and the
+    evaluation of the demo flow, unless the user's environment has the variable; never for other runs."""
+    import dataclasses
+
+    spec = dataclasses.replace(STUB, configs=dict(STUB.configs, demo="configs/env/cpu.env",
+                                                  eval="configs/env/cpu.env"),
+                               demo_env={"BEVKIT_JPEG_DRAFT": "1"})
+    monkeypatch.setattr(sys.modules["_bevkit_test_stubnet"], "SPEC", spec)
+    demo = plan_for(stub, "--mode", "demo", "--device", "cpu")
+    assert demo.env_set["BEVKIT_JPEG_DRAFT"] == "1" and "BEVKIT_JPEG_DRAFT=1" in launch.render_command(demo)
+    user = plan_for(stub, "--mode", "demo", "--device", "cpu", environ=dict(BASE_ENV, BEVKIT_JPEG_DRAFT="0"))
+    assert user.env["BEVKIT_JPEG_DRAFT"] == "0" and "BEVKIT_JPEG_DRAFT" not in user.env_set
+    args = launch.build_parser().parse_args(["--model", "stubnet", "--data-root", str(stub.data), "--work-dir",
+                                             str(stub.work), "--dry-run", "--mode", "eval", "--device", "cpu",
+                                             "--checkpoint", str(stub.tmp / "w.pth")])
+    request = dataclasses.replace(launch.Request.from_args(args), flow="demo")
+    evaluation = launch.make_plan(request, environ=dict(BASE_ENV), cores=16)
+    assert evaluation.env_set["BEVKIT_JPEG_DRAFT"] == "1"
+    for mode in ("full", "performance"):
+        assert "BEVKIT_JPEG_DRAFT" not in plan_for(stub, "--mode", mode, "--device", "cpu").env

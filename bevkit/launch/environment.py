@@ -121,10 +121,11 @@ class Environment:
 
 def build(*, environ: Mapping[str, str], device, nproc: int, cores: int, pythonpath: List[Path],
           contract: Mapping[str, Optional[str]], refuse: Callable[[str], None], notes: List[str],
-          source: Callable[[Path, Mapping[str, str]], Dict[str, str]] = None) -> Environment:
+          source: Callable[[Path, Mapping[str, str]], Dict[str, str]] = None,
+          defaults: Optional[Mapping[str, str]] = None) -> Environment:
     """The training processes' environment for ``device`` (a RunDevice or a device type): CANN, then the device
-    file (the user's environment wins), then the launcher's ``contract`` (BEVKIT_* -> value; None removes an
-    inherited value)."""
+    file and the run's ``defaults`` (the user's environment wins over both), then the launcher's ``contract``
+    (BEVKIT_* -> value; None removes an inherited value)."""
     source = source or source_env_script
     run = device if isinstance(device, RunDevice) else RunDevice(device)
     env = dict(environ)
@@ -154,6 +155,9 @@ def build(*, environ: Mapping[str, str], device, nproc: int, cores: int, pythonp
     for key, value in file_values.items():
         if key.startswith("BEVKIT_"):
             continue  # launcher settings, not for the training processes
+        if key not in environ:
+            env[key] = value
+    for key, value in (defaults or {}).items():
         if key not in environ:
             env[key] = value
     if run.memory == "cpu" and "OMP_NUM_THREADS" not in environ:

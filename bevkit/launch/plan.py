@@ -337,7 +337,8 @@ def plan(request: Request, machine: Machine, spec: Optional[ModelSpec] = None,
                 environ.get("BEVKIT_TRUST_CHECKPOINT") == "1" else None}
     env = environment.build(environ=environ, device=run, nproc=nproc, cores=machine.cores,
                             pythonpath=upstream_path, contract=contract, refuse=refuse, notes=notes,
-                            source=machine.source)
+                            source=machine.source,
+                            defaults=spec.demo_env if "demo" in (mode, request.flow) else None)
 
     argv = [sys.executable, "-m", "torch.distributed.run",
             f"--nnodes={nnodes}", f"--nproc_per_node={nproc}", f"--node_rank={node_rank}",

@@ -40,6 +40,9 @@ DEMO_EPOCHS: Optional[int] = None
 #: the demo's synthetic world: twice the default train scenes (more variety for the val scenes to be like)
 DEMO_DATA = ("--train-scenes", "12")
 DEMO_BATCH_PER_DEVICE = SMOKE_BATCH_PER_DEVICE
+#: the demo's processes: its 288-pixel-wide images decode at 1/4 of the JPEG's scale (bevkit.data.jpeg): the data
+#: loader workers otherwise take about a third of the 2 cores
+DEMO_ENV = {"BEVKIT_JPEG_DRAFT": "1"}
 #: modes that train, evaluate the final weights and stop (no separate evaluation launch)
 SELF_EVALUATING = ("smoke", "demo")
 
@@ -139,6 +142,7 @@ SPEC = ModelSpec(
              "maoe": ("mAOE", 1.0), "mave": ("mAVE", 1.0), "maae": ("mAAE", 1.0)},
     references="bevdepth/reference.json",
     demo_data=DEMO_DATA,
+    demo_env=DEMO_ENV,
     pictures="bevkit.models.bevdepth.pictures",
     checkpoints=((RESNET50, "img_backbone_conf.init_cfg (torchvision://resnet50)"),),
     checkpoint_format=CHECKPOINT_FORMAT,
