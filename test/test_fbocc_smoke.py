@@ -69,3 +69,47 @@ def test_smoke_script_trains_and_evaluates(fbbev_checkout, tmp_path_factory, tmp
     verdict = gate.evaluate(load_results(results[1]))
     assert verdict.gate == "reference" and not verdict.passed
     assert any("global batch 2" in w and "gate's 32" in w for w in verdict.warnings), verdict.text()
+
+
+#: The demo's learning on a shortened schedule: the demo config, through the demo command, on the smoke test's
+#: data (2 train scenes, 12 samples) for DEMO_SHORT_ITERS steps instead of the demo's 150.
+DEMO_SHORT_ITERS = 40
+DEMO_MIOU_FLOOR = 0.5
+DEMO_TERRAIN_FLOOR = 8.0
+
+
+@pytest.mark.slow
+def test_demo_learns_on_a_short_schedule(fbbev_checkout, tmp_path_factory, tmp_path):
+    """``fbocc/test/train_demo.sh -- --cfg-options runner.max_iters=40``: the metric rises above an untrained
+    model's.
+
+    Measured on that data's val split (12 samples), 2 CPU processes, 2026-12-02: after 1 step (an untrained model)
+    mIoU 0.13%, terrain 1.55%, no class above 0.5%; after 40 steps mIoU 1.03%, terrain 17.5% (every other class 0).
+    Floors: mIoU 0.5% (4 x untrained) and terrain 8% (5 x untrained), about half of what 40 steps reach. The
+    tiny model learns slowly (fbocc/README.md): terrain is the first class it learns. Duration: 13 min, sharing the
+    2 cores with other runs for most of it; 1 step: 2.2 min.
+    """
+    from bevkit.data.testing import dataset, hardlink_copy
+
+    source = dataset(tmp_path_factory, image_size=(1600, 900), train_scenes=2, val_scenes=2, samples_per_scene=6)
+    data_root = hardlink_copy(source, tmp_path / "nuscenes")  # the demo prepares its data root
+    env = dict(os.environ, BEVKIT_PYTHON=sys.executable, FBBEV_ROOT=str(fbbev_checkout),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    env.pop("BEVKIT_EMULATE_DEVICE", None)
+    proc = subprocess.run([str(REPO / "fbocc" / "test" / "train_demo.sh"), "--data-root", str(data_root),
+                           "--work-dir", str(tmp_path / "runs"), "--", "--cfg-options",
+                           f"runner.max_iters={DEMO_SHORT_ITERS}"],
+                          env=env, capture_output=True, text=True, timeout=3600)
+    out = proc.stdout + proc.stderr
+    results = [Path(line.split("results: ", 1)[1]) for line in proc.stdout.splitlines()
+               if line.startswith("results: ")]
+    assert len(results) == 2, out[-5000:]
+    train, evaluation = (json.loads(p.read_text()) for p in results)
+    assert train["mode"] == "demo" and train["status"] == "ok" and train["steps"] == DEMO_SHORT_ITERS
+    assert evaluation["mode"] == "eval" and evaluation["status"] == "ok", evaluation["status"]
+    # the demo gate judged it (against the full demo's schedule, with a warning); the test reads the metrics
+    assert proc.returncode in (0, 1) and "WARNING" in out and any(
+        line.startswith(("PASS: ", "FAIL: ")) for line in proc.stdout.splitlines()), out[-3000:]
+    metrics = evaluation["metrics"]
+    assert metrics["miou"] > DEMO_MIOU_FLOOR, metrics
+    assert metrics["per_class_iou"]["terrain"] > DEMO_TERRAIN_FLOOR, metrics

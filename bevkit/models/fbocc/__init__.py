@@ -31,14 +31,16 @@ CONFIGS = {
     "performance": "fbocc/configs/fbocc_r50_8p_performance.py",
     "eval": "fbocc/configs/fbocc_r50_8p.py",
     "smoke": "fbocc/configs/fbocc_tiny_smoke.py",
-    "demo": "fbocc/configs/fbocc_tiny_smoke.py",  # until the demo config lands: fbocc/configs/fbocc_tiny_demo.py
+    "demo": "fbocc/configs/fbocc_tiny_demo.py",
 }
 
 #: Batch per device of the kit's configs (the tiny smoke config trains with 1); any other config is read.
 #: tools/test.py always evaluates with 1 per device.
 CONFIG_SAMPLES_PER_DEVICE = {"fbocc/configs/fbocc_r50_8p.py": 4, "fbocc/configs/fbocc_r50_8p_performance.py": 4,
-                             "fbocc/configs/fbocc_tiny_smoke.py": 1}
+                             "fbocc/configs/fbocc_tiny_smoke.py": 1, "fbocc/configs/fbocc_tiny_demo.py": 1}
 EVAL_SAMPLES_PER_DEVICE = 1
+#: the demo's processes: its 352-pixel-wide images decode at 1/4 of the JPEG's scale (bevkit.data.jpeg)
+DEMO_ENV = {"BEVKIT_JPEG_DRAFT": "1"}
 
 #: The depth-pretrained weights the reference recipe starts from (``load_from``); no published checksum: its
 #: sha256 is recorded in the checkpoint folder's SHA256SUMS when first verified.
@@ -155,6 +157,7 @@ SPEC = ModelSpec(
     data_checks="bevkit.models.fbocc.data_check",
     metrics={"miou": ("mIoU", 1.0)},  # Occ3D mIoU in % (upstream's 'Overall')
     references="fbocc/reference.json",
+    demo_env=DEMO_ENV,
     pictures="bevkit.models.fbocc.pictures",
     checkpoints=((RESNET50, "model.img_backbone.pretrained"), (DEPTH_PRETRAIN, "load_from")),
     checkpoint_format=CHECKPOINT_FORMAT,
