@@ -336,6 +336,41 @@ def occ_loss_nan():
 
 
 @check
+def coarse_occ_output():
+    """A head without the deblock: training output and losses at the coarse grid (upstream's downsampled-label
+    path), evaluation logits at the fine grid (each coarse voxel's logits on its 2x2x2 block); with the deblock,
+    training and evaluation outputs both stay at the deblock's grid, as upstream."""
+    import torch
+
+    activated()
+    from mmdet3d.models.fbbev.heads.occupancy_head import OccHead
+
+    torch.manual_seed(0)
+    facts = {}
+    for deblock in (False, True):
+        head = OccHead(in_channels=[8, 8], out_channel=19, num_level=2, use_focal_loss=True, empty_idx=18,
+                       soft_weights=True, norm_cfg=dict(type='BN3d', requires_grad=True), final_occ_size=[40, 40, 8],
+                       use_deblock=deblock)
+        head.focal_loss.c = torch.ones(40, 40)  # the radial map is 200x200 upstream; a flat one at this size
+        feats = [torch.randn(1, 8, 20, 20, 4), torch.randn(1, 8, 10, 10, 2)]
+        head.train()
+        train_out = head(feats)['output_voxels'][0]
+        target = torch.randint(0, 19, (1, 40, 40, 8))
+        losses = head.loss(output_voxels=[train_out], target_voxels=target)
+        head.eval()
+        with torch.no_grad():
+            test_out = head(feats)['output_voxels'][0]
+            coarse = applied_original("fbocc-coarse-occ-output")(head, feats)['output_voxels'][0]
+        tag = "deblock" if deblock else "coarse"
+        facts[tag] = {"train_shape": list(train_out.shape[2:]), "test_shape": list(test_out.shape[2:]),
+                      "losses_finite": all(bool(torch.isfinite(v)) for v in losses.values()),
+                      "blocks_equal_coarse": (bool(torch.equal(test_out, coarse)) if deblock else bool(torch.equal(
+                          test_out[..., ::2, ::2, ::2], coarse) and torch.equal(test_out[..., 1::2, 1::2, 1::2],
+                                                                                coarse)))}
+    return facts
+
+
+@check
 def conv3d_shortcut():
     import torch
 

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 PIN = "6e25469256d98e7fcb52cc43efe812dc2fd2b446"
 
 FAST_CHECKS = ["imports", "lidar_coor_rank6", "cam2ego_coor_rank6", "point_sampling_rank6",
-               "da_msda_depth_weighting", "focal_loss_op", "occ_loss_nan", "conv3d_shortcut",
+               "da_msda_depth_weighting", "focal_loss_op", "occ_loss_nan", "coarse_occ_output", "conv3d_shortcut",
                "model_forward_ops_parity", "resnet_blocks_add_relu", "trilinear_axes", "masked_select_indexing",
                "batch_matmul_view_transform"]
 
@@ -114,6 +114,17 @@ def test_occupancy_loss_clears_nan(checks):
     assert f["max_rel_err"] <= sum_atol(torch.float32, n, 1.0 / n), f
     assert f["grad_max_abs_err"] <= sum_atol(torch.float32, 19, f["grad_max"]), f
     assert f["mask_multiply_keeps_nan"]  # why the NPU port's formulation was wrong
+
+
+def test_a_head_without_the_deblock_evaluates_on_the_occ3d_grid(checks):
+    f = facts(checks, "coarse_occ_output")
+    # demo config (use_deblock=False): trained at the coarse grid on upstream's downsampled labels, evaluated at
+    # the fine grid the evaluator compares, each coarse voxel's logits repeated over its 2x2x2 block
+    assert f["coarse"] == {"train_shape": [20, 20, 4], "test_shape": [40, 40, 8], "losses_finite": True,
+                           "blocks_equal_coarse": True}, f
+    # the reference recipe's head (with the deblock) is untouched
+    assert f["deblock"] == {"train_shape": [40, 40, 8], "test_shape": [40, 40, 8], "losses_finite": True,
+                            "blocks_equal_coarse": True}, f
 
 
 def test_conv3d_shortcut_rewrite_exact(checks):
