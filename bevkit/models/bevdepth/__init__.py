@@ -15,6 +15,7 @@ from typing import List, Optional
 
 from bevkit import REPO_ROOT, env
 from bevkit.checkpoints import RESNET50
+from bevkit.data import jpeg
 from bevkit.registry import CheckpointFormat, LaunchRequest, ModelSpec, Upstream
 
 UPSTREAM = Upstream(
@@ -42,7 +43,7 @@ DEMO_DATA = ("--train-scenes", "12")
 DEMO_BATCH_PER_DEVICE = SMOKE_BATCH_PER_DEVICE
 #: the demo's processes: its 288-pixel-wide images decode at 1/4 of the JPEG's scale (bevkit.data.jpeg): the data
 #: loader workers otherwise take about a third of the 2 cores
-DEMO_ENV = {"BEVKIT_JPEG_DRAFT": "1"}
+DEMO_ENV = {jpeg.ENV: "1"}
 #: modes that train, evaluate the final weights and stop (no separate evaluation launch)
 SELF_EVALUATING = ("smoke", "demo")
 

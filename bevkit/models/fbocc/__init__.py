@@ -15,6 +15,7 @@ from typing import List, Optional
 
 from bevkit import REPO_ROOT
 from bevkit.checkpoints import RESNET50, Checkpoint
+from bevkit.data import jpeg
 from bevkit.registry import CheckpointFormat, LaunchRequest, ModelSpec, Upstream
 
 UPSTREAM = Upstream(
@@ -40,7 +41,7 @@ CONFIG_SAMPLES_PER_DEVICE = {"fbocc/configs/fbocc_r50_8p.py": 4, "fbocc/configs/
                              "fbocc/configs/fbocc_tiny_smoke.py": 1, "fbocc/configs/fbocc_tiny_demo.py": 1}
 EVAL_SAMPLES_PER_DEVICE = 1
 #: the demo's processes: its 352-pixel-wide images decode at 1/4 of the JPEG's scale (bevkit.data.jpeg)
-DEMO_ENV = {"BEVKIT_JPEG_DRAFT": "1"}
+DEMO_ENV = {jpeg.ENV: "1"}
 
 #: The depth-pretrained weights the reference recipe starts from (``load_from``); no published checksum: its
 #: sha256 is recorded in the checkpoint folder's SHA256SUMS when first verified.
