@@ -97,7 +97,6 @@ def _loss_voxel(original):
     return force_fp32()(loss_voxel)
 
 
-
 def _coarse_output_on_grid(original):
     """OccHead.forward without the deblock (``use_deblock=False``, the demo config): at evaluation the logits are
     brought to the grid the deblock would have produced, 2x per axis by nearest neighbour.
