@@ -337,36 +337,60 @@ def occ_loss_nan():
 
 @check
 def coarse_occ_output():
-    """A head without the deblock: training output and losses at the coarse grid (upstream's downsampled-label
-    path), evaluation logits at the fine grid (each coarse voxel's logits on its 2x2x2 block); with the deblock,
-    training and evaluation outputs both stay at the deblock's grid, as upstream."""
+    """Heads without the deblock: training output and losses at the coarse grid (upstream's downsampled-label
+    path), evaluation logits at final_occ_size (each coarse voxel's logits on its block of fine voxels): 2x2x2
+    (LSS grid 0.8 m), 2x2x1 (0.8 x 0.8 x 0.4 m) and 2x2x2 on a grid one label layer higher (output_range, the
+    demo's); with the deblock, training and evaluation outputs both stay at the deblock's grid, as upstream. For
+    the last two, the losses equal those of the head's own label path (loss_voxel at ratio 1) on labels
+    downsampled here by the mode over each voxel's block (after moving them one layer down, 255 above)."""
     import torch
 
     activated()
     from mmdet3d.models.fbbev.heads.occupancy_head import OccHead
 
-    torch.manual_seed(0)
+    labels_range = [-8.0, -8.0, -1.0, 8.0, 8.0, 2.2]     # 40 x 40 x 8 voxels of 0.4 m
+    higher = labels_range[:2] + [-0.6] + labels_range[3:5] + [2.6]
     facts = {}
-    for deblock in (False, True):
+    for tag, deblock, coarse_z, output_range in (("deblock", True, 4, None), ("coarse", False, 4, None),
+                                                 ("coarse_xy", False, 8, None), ("coarse_higher", False, 4, higher)):
+        torch.manual_seed(0)
         head = OccHead(in_channels=[8, 8], out_channel=19, num_level=2, use_focal_loss=True, empty_idx=18,
                        soft_weights=True, norm_cfg=dict(type='BN3d', requires_grad=True), final_occ_size=[40, 40, 8],
-                       use_deblock=deblock)
+                       point_cloud_range=labels_range, use_deblock=deblock, output_range=output_range)
         head.focal_loss.c = torch.ones(40, 40)  # the radial map is 200x200 upstream; a flat one at this size
-        feats = [torch.randn(1, 8, 20, 20, 4), torch.randn(1, 8, 10, 10, 2)]
+        feats = [torch.randn(1, 8, 20, 20, coarse_z), torch.randn(1, 8, 10, 10, coarse_z // 2)]
         head.train()
         train_out = head(feats)['output_voxels'][0]
-        target = torch.randint(0, 19, (1, 40, 40, 8))
+        # labels 1..18: upstream's downsampling gives label-0 voxels ('noise') unique ranks, no tie to compare
+        target = torch.randint(1, 19, (1, 40, 40, 8))
         losses = head.loss(output_voxels=[train_out], target_voxels=target)
         head.eval()
         with torch.no_grad():
             test_out = head(feats)['output_voxels'][0]
             coarse = applied_original("fbocc-coarse-occ-output")(head, feats)['output_voxels'][0]
-        tag = "deblock" if deblock else "coarse"
+        ratio = [t // n for t, n in zip((40, 40, 8), coarse.shape[2:])]
+        fine = coarse.repeat_interleave(ratio[0], 2).repeat_interleave(ratio[1], 3).repeat_interleave(ratio[2], 4)
+        if output_range is not None:    # one layer higher: label layer z is output layer z - 1
+            fine = torch.cat([fine[..., :1], fine[..., :-1]], -1)
         facts[tag] = {"train_shape": list(train_out.shape[2:]), "test_shape": list(test_out.shape[2:]),
                       "losses_finite": all(bool(torch.isfinite(v)) for v in losses.values()),
-                      "blocks_equal_coarse": (bool(torch.equal(test_out, coarse)) if deblock else bool(torch.equal(
-                          test_out[..., ::2, ::2, ::2], coarse) and torch.equal(test_out[..., 1::2, 1::2, 1::2],
-                                                                                coarse)))}
+                      "blocks_equal_coarse": bool(torch.equal(test_out, fine if not deblock else coarse))}
+        if tag in ("coarse_xy", "coarse_higher"):
+            moved = target if output_range is None else torch.cat(
+                [target[..., 1:], torch.full_like(target[..., :1], 255)], -1)
+            rz = ratio[2]
+            blocks = moved.reshape(1, 20, 2, 20, 2, 8 // rz, rz).permute(0, 1, 3, 5, 2, 4, 6).reshape(
+                1, 20, 20, 8 // rz, 4 * rz)
+            own = head.loss_voxel(train_out, torch.mode(blocks, dim=-1)[0], tag='c_0')
+            facts[tag]["losses_equal_own_block_mode"] = all(
+                torch.allclose(losses[k], own[k], rtol=1e-6, atol=0) for k in own)
+    try:
+        OccHead(in_channels=[8], out_channel=19, final_occ_size=[40, 40, 8], point_cloud_range=labels_range,
+                norm_cfg=dict(type='BN3d', requires_grad=True),
+                output_range=labels_range[:2] + [-0.7] + labels_range[3:5] + [2.5])
+        facts["half_layer_offset"] = "accepted"
+    except ValueError as exc:
+        facts["half_layer_offset"] = str(exc)
     return facts
 
 

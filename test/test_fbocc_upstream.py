@@ -118,10 +118,17 @@ def test_occupancy_loss_clears_nan(checks):
 
 def test_a_head_without_the_deblock_evaluates_on_the_occ3d_grid(checks):
     f = facts(checks, "coarse_occ_output")
-    # demo config (use_deblock=False): trained at the coarse grid on upstream's downsampled labels, evaluated at
-    # the fine grid the evaluator compares, each coarse voxel's logits repeated over its 2x2x2 block
+    # trained at the coarse grid on upstream's downsampled labels, evaluated at final_occ_size (the grid the
+    # evaluator compares), each coarse voxel's logits repeated over its block
     assert f["coarse"] == {"train_shape": [20, 20, 4], "test_shape": [40, 40, 8], "losses_finite": True,
                            "blocks_equal_coarse": True}, f
+    # a head coarse in x and y only: its labels are the mode over each voxel's own 2x2x1 block
+    assert f["coarse_xy"] == {"train_shape": [20, 20, 8], "test_shape": [40, 40, 8], "losses_finite": True,
+                              "blocks_equal_coarse": True, "losses_equal_own_block_mode": True}, f
+    # a head one label layer higher (the demo's): labels moved down to its grid, its output moved back up
+    assert f["coarse_higher"] == {"train_shape": [20, 20, 4], "test_shape": [40, 40, 8], "losses_finite": True,
+                                  "blocks_equal_coarse": True, "losses_equal_own_block_mode": True}, f
+    assert "must be point_cloud_range" in f["half_layer_offset"] and "whole label layers" in f["half_layer_offset"]
     # the reference recipe's head (with the deblock) is untouched
     assert f["deblock"] == {"train_shape": [40, 40, 8], "test_shape": [40, 40, 8], "losses_finite": True,
                             "blocks_equal_coarse": True}, f

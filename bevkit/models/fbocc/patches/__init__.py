@@ -5,8 +5,8 @@ devices it applies to; the code lives by concern:
 
 - :mod:`.device`: device portability (placement, DDP wrappers, process group, 'cuda' tensors, autocast, SyncBN);
 - :mod:`.ops`: operators through bevkit.ops;
-- :mod:`.losses`: the occupancy losses (focal loss, NaN/Inf cleaning, which is exact and applies everywhere) and
-  the test output of a head without the deblock;
+- :mod:`.losses`: the occupancy losses (focal loss, NaN/Inf cleaning, which is exact and applies everywhere), the
+  labels and test output of a head at another grid than the labels' (no deblock, a z offset);
 - :mod:`.checkpoints`: resume with the full training state, the checked checkpoint compared with the built model,
   FB-BEV's own checkpoint load through the kit's weights_only loader;
 - :mod:`.data`: info paths relative to the data root, decode errors that name the file and the sample;
@@ -30,7 +30,8 @@ from bevkit.models.fbocc.patches.checkpoints import _checked_load, _resume, _tor
 from bevkit.models.fbocc.patches.device import (_autocast_for_device, _build_model, _current_device, _ddp_factory,
                                                 _dp_factory, _init_dist_pytorch, _module_cuda,
                                                 _torch_with_run_device, _with_device)
-from bevkit.models.fbocc.patches.losses import _coarse_output_on_grid, _focal_forward, _focal_init, _loss_voxel
+from bevkit.models.fbocc.patches.losses import (_coarse_output_on_grid, _focal_forward, _focal_init,
+                                                _head_grids, _labels_per_output_grid, _loss_voxel)
 from bevkit.models.fbocc.patches.npu import _batch_matvec, _cam2ego_coor, _conv1x1x1, _lidar_coor, _point_sampling
 from bevkit.data import jpeg
 from bevkit.models.fbocc.patches.speed import (_basic_block3d_forward, _basic_block_forward, _bottleneck3d_forward,
@@ -140,10 +141,20 @@ PATCHES = PatchSet("fbocc", [
     RuntimePatch("fbocc-occ-loss-nan", f"{FB}.heads.occupancy_head:OccHead.loss_voxel", _loss_voxel,
                  why="Clear NaN/Inf logits with nan_to_num (exact, no host sync); the NPU port's multiply-by-"
                      "mask kept NaN."),
+    RuntimePatch("fbocc-occ-head-grids", f"{FB}.heads.occupancy_head:OccHead.__init__", _head_grids,
+                 why="OccHead accepts final_occ_size (Occ3D's 200x200x16) and drops it; kept as the grid a head "
+                     "without the deblock evaluates on. New output_range: the z range the head's output covers "
+                     "when it is not the labels' (the demo's LSS grid, 0.4 m higher)."),
+    RuntimePatch("fbocc-occ-labels-per-grid", f"{FB}.heads.occupancy_head:OccHead.loss", _labels_per_output_grid,
+                 why="Heads coarser than the labels on some axes only, or offset from them in z: upstream "
+                     "downsamples the labels with one ratio for all axes and assumes the same range; the labels "
+                     "are moved to output_range and repeated on the finer axes, so its mode is taken over each "
+                     "voxel's own block."),
     RuntimePatch("fbocc-coarse-occ-output", f"{FB}.heads.occupancy_head:OccHead.forward", _coarse_output_on_grid,
-                 why="A head built without the deblock (use_deblock=False: the demo config, 4x cheaper steps) "
-                     "trains on 2x2x2-downsampled labels upstream but tests at the coarse grid; its evaluation "
-                     "logits are upsampled 2x (nearest) to the Occ3D grid. Heads with the deblock are untouched."),
+                 why="A head built without the deblock (use_deblock=False: the demo config, ~4x cheaper steps) "
+                     "trains on downsampled labels upstream but tests at the coarse grid; its evaluation logits "
+                     "are upsampled (nearest) to final_occ_size and moved from output_range to the Occ3D grid. "
+                     "Heads with the deblock are untouched."),
     # --- data ------------------------------------------------------------------------------------
     RuntimePatch("fbocc-infos-in-data-root", f"{DATASET}.load_annotations", _infos_in_data_root,
                  why="The kit's info files hold paths relative to the data root (a copied or moved root reads its own "
