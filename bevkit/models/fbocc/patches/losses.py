@@ -126,16 +126,15 @@ def _shift_z(voxels, layers: int, fill):
 
     if layers == 0:
         return voxels
-    depth = voxels.shape[-1]
-    if abs(layers) >= depth:
+    depth, n = voxels.shape[-1], abs(layers)
+    if n >= depth:
         raise ValueError(f"OccHead: a z offset of {layers} layers leaves nothing of a {depth}-layer grid")
-    if layers > 0:
-        kept = voxels[..., layers:]
-        edge = kept[..., -1:] if fill is None else torch.full_like(voxels[..., :layers], fill)
-        return torch.cat([kept, edge.expand(*kept.shape[:-1], layers)], -1)
-    kept = voxels[..., :layers]
-    edge = kept[..., :1] if fill is None else torch.full_like(voxels[..., :-layers], fill)
-    return torch.cat([edge.expand(*kept.shape[:-1], -layers), kept], -1)
+    kept = voxels[..., layers:] if layers > 0 else voxels[..., :layers]
+    if fill is None:
+        edge = (kept[..., -1:] if layers > 0 else kept[..., :1]).expand(*kept.shape[:-1], n)
+    else:
+        edge = torch.full_like(voxels[..., :n], fill)
+    return torch.cat([kept, edge] if layers > 0 else [edge, kept], -1)
 
 
 def _labels_per_output_grid(original):
