@@ -2,6 +2,7 @@
 
     python -m bevkit.data.synthetic --out data/nuscenes [--seed 0] [--train-scenes 6]
         [--val-scenes 2] [--test-scenes 1] [--samples-per-scene 10] [--image-size 1600x900]
+        [--scenery mixed|banded]
 
 Writes DIR/v1.0-trainval/*.json (13 tables), DIR/v1.0-test/*.json (for BEVDepth's info script),
 DIR/samples/CAM_*/*.jpg, DIR/samples/LIDAR_TOP/*.pcd.bin, DIR/maps/*.png and
@@ -35,7 +36,7 @@ BASE_TIME_US = 1531883530000000       # 2018-07-18 03:12:10 UTC
 SCENE_GAP_US = 120 * 1000000
 LOCATION = 'boston-seaport'
 DEFAULTS = dict(seed=0, train_scenes=6, val_scenes=2, test_scenes=1, samples_per_scene=10,
-                image_size=(W.FULL_W, W.FULL_H))
+                image_size=(W.FULL_W, W.FULL_H), scenery='mixed')
 
 
 def token(seed: int, *key) -> str:
@@ -55,6 +56,7 @@ class SceneSpec:
     start_us: int
     n_samples: int
     image_size: tuple
+    scenery: str = 'mixed'  # world.SCENERIES
 
     @property
     def logfile(self) -> str:
@@ -65,13 +67,15 @@ class SceneSpec:
         return self.start_us + int(round(k * SAMPLE_DT * 1e6))
 
 
-def plan_scenes(seed, train_scenes, val_scenes, test_scenes, samples_per_scene, image_size):
+def plan_scenes(seed, train_scenes, val_scenes, test_scenes, samples_per_scene, image_size, scenery='mixed'):
     """Scene names from the devkit's real splits; disjoint, increasing time ranges by scene number."""
     from nuscenes.utils import splits
     for split, n, names in (('train', train_scenes, splits.train), ('val', val_scenes, splits.val),
                             ('test', test_scenes, splits.test)):
         if n > len(names):
             raise ValueError(f'--{split}-scenes {n}: nuScenes has only {len(names)} {split} scenes')
+    if scenery not in W.SCENERIES:
+        raise ValueError(f"--scenery {scenery}: expected one of {', '.join(W.SCENERIES)}")
     if samples_per_scene < 2:
         raise ValueError('--samples-per-scene must be >= 2 (FB-OCC splits each train scene in two)')
     chosen = ([(n, 'train') for n in splits.train[:train_scenes]]
@@ -83,7 +87,7 @@ def plan_scenes(seed, train_scenes, val_scenes, test_scenes, samples_per_scene, 
     for i, (name, split) in enumerate(chosen):
         wseed = int(token(seed, 'world', name)[:8], 16)
         specs.append(SceneSpec(name, split, wseed, BASE_TIME_US + i * (duration + SCENE_GAP_US),
-                               samples_per_scene, tuple(image_size)))
+                               samples_per_scene, tuple(image_size), scenery))
     return specs
 
 
@@ -114,10 +118,10 @@ def _tune_malloc():
 
 
 def _world(spec: SceneSpec):
-    key = repr(spec)        # name, seed, sample count and image size
+    key = repr(spec)        # name, seed, sample count, image size and scenery
     if key not in _WORLDS:
         _WORLDS.clear()      # one scene at a time per worker keeps memory flat
-        _WORLDS[key] = (W.build_world(spec.seed, spec.n_samples, SAMPLE_DT), _scene_sensors(spec))
+        _WORLDS[key] = (W.build_world(spec.seed, spec.n_samples, SAMPLE_DT, spec.scenery), _scene_sensors(spec))
     return _WORLDS[key]
 
 
@@ -186,7 +190,7 @@ def _build_tables(seed, specs, results, map_token, map_file):
     cat_tok = {c['name']: c['token'] for c in tables['category']}
     attr_tok = {a['name']: a['token'] for a in tables['attribute']}
     for spec in specs:
-        world, sensors = W.build_world(spec.seed, spec.n_samples, SAMPLE_DT), _scene_sensors(spec)
+        world, sensors = W.build_world(spec.seed, spec.n_samples, SAMPLE_DT, spec.scenery), _scene_sensors(spec)
         log_tok = token(seed, 'log', spec.name)
         tables['log'].append({'token': log_tok, 'logfile': spec.logfile, 'vehicle': 'n015',
                               'date_captured': spec.logfile[5:15], 'location': LOCATION})
@@ -306,12 +310,12 @@ def _dir_size(path: Path) -> tuple:
 
 def generate(out, seed: int = 0, train_scenes: int = 6, val_scenes: int = 2, test_scenes: int = 1,
              samples_per_scene: int = 10, image_size=(W.FULL_W, W.FULL_H), workers: int = None,
-             overwrite: bool = False, progress: bool = True) -> dict:
+             overwrite: bool = False, progress: bool = True, scenery: str = 'mixed') -> dict:
     """Write the dataset to ``out``; returns a summary (counts, seconds, bytes)."""
     t_start = time.time()
     out = Path(out)
     image_size = tuple(int(v) for v in image_size)
-    specs = plan_scenes(seed, train_scenes, val_scenes, test_scenes, samples_per_scene, image_size)
+    specs = plan_scenes(seed, train_scenes, val_scenes, test_scenes, samples_per_scene, image_size, scenery)
     _prepare_out(out, overwrite)
     for ch in CAMERAS + (LIDAR,):
         (out / 'samples' / ch).mkdir(parents=True, exist_ok=True)
@@ -354,7 +358,7 @@ def generate(out, seed: int = 0, train_scenes: int = 6, val_scenes: int = 2, tes
     summary = {
         'generator': 'bevkit.data.synthetic', 'seed': seed, 'train_scenes': train_scenes,
         'val_scenes': val_scenes, 'test_scenes': test_scenes,
-        'samples_per_scene': samples_per_scene, 'image_size': list(image_size),
+        'samples_per_scene': samples_per_scene, 'image_size': list(image_size), 'scenery': scenery,
         'scenes': {s.name: s.split for s in specs}, 'samples': len(tasks),
         'files': n_files, 'bytes': n_bytes, 'seconds': round(time.time() - t_start, 1),
         'workers': workers,
@@ -384,6 +388,9 @@ def main(argv=None) -> int:
     ap.add_argument('--image-size', type=_image_size, default=DEFAULTS['image_size'],
                     help='WxH (default 1600x900; the model pipelines assume 1600x900, smaller '
                          'sizes are for quick tests)')
+    ap.add_argument('--scenery', choices=W.SCENERIES, default=DEFAULTS['scenery'],
+                    help="static classes: 'mixed' (scattered trees, plazas, gapped buildings) or 'banded' "
+                         "(continuous verge, cabinet, hedge and building rows; the FB-OCC demo's)")
     ap.add_argument('--workers', type=int, default=None, help='processes (default: CPU count, max 8)')
     ap.add_argument('--overwrite', action='store_true',
                     help='regenerate an existing synthetic dataset in --out')
@@ -393,7 +400,7 @@ def main(argv=None) -> int:
     try:
         s = generate(a.out, seed=a.seed, train_scenes=a.train_scenes, val_scenes=a.val_scenes,
                      test_scenes=a.test_scenes, samples_per_scene=a.samples_per_scene,
-                     image_size=a.image_size, workers=a.workers, overwrite=a.overwrite,
+                     image_size=a.image_size, scenery=a.scenery, workers=a.workers, overwrite=a.overwrite,
                      progress=not a.quiet)
     except (ValueError, FileExistsError) as e:
         print(f'error: {e}', file=sys.stderr)

@@ -171,6 +171,13 @@ STAND_Y, POLE_Y = 13.15, 10.5
 PARK_MAX_W = 2.6           # parked vehicles must clear the poles and the lanes
 TREE_Y, BUILDING_Y = 15.5, 18.0
 RASTER_RES = 0.2
+#: Scenery (static classes) of a world: 'mixed', scattered trees, plazas and buildings with wide gaps (the default);
+#: 'banded', the same classes as continuous bands along the road, wide enough for a coarse occupancy grid: an
+#: other_flat verge, a row of boxy 'others' cabinets, hedges and a closed building row. The FB-OCC demo learns
+#: those on 2 CPU cores, where scattered thin trees stay below its 0.8 m grid's reach.
+SCENERIES = ('mixed', 'banded')
+BANDED_VERGE = (SIDEWALK[1], 16.0)      # other_flat verge behind the sidewalk
+BANDED_CABINET_Y, BANDED_HEDGE_Y, BANDED_BUILDING_Y = 17.2, 20.0, 24.0
 
 
 @dataclass
@@ -268,8 +275,31 @@ def _fill_track(rng, lo, hi, fixed, make, gap=(4.0, 20.0)):
     return out
 
 
-def build_world(seed: int, n_samples: int, dt: float = 0.5) -> World:
-    """Deterministically build a scene world from ``seed``."""
+def _banded_scenery(b: '_Builder', side: int, lo: float, hi: float, in_cross) -> None:
+    """Static things of the 'banded' scenery on one side of the road (see :data:`SCENERIES`): cabinets ('others')
+    on the verge, hedges (vegetation) and a closed building row (manmade), each a near-continuous band along x."""
+    rng = b.rng
+
+    def row(y, length, gap, size_of, cls_name, margin=2.0):
+        x = lo + rng.uniform(0, gap[1])
+        while x < hi:
+            seg = rng.uniform(*length)
+            if in_cross(x, x + seg, margin):    # slide past the side street: the band resumes right after it
+                x += 1.0
+                continue
+            w, h = size_of()
+            b.add(cls_name, (x + seg / 2, side * (y + w / 2)), (seg, w, h), 0.0)
+            x += seg + rng.uniform(*gap)
+
+    row(BANDED_CABINET_Y, (1.2, 1.6), (3.0, 6.0), lambda: (1.2, rng.uniform(1.2, 1.6)), 'others')
+    row(BANDED_HEDGE_Y, (6.0, 14.0), (1.0, 3.0), lambda: (1.6, rng.uniform(1.6, 2.4)), 'vegetation')
+    row(BANDED_BUILDING_Y, (15.0, 35.0), (1.0, 4.0), lambda: (rng.uniform(8, 16), rng.uniform(6, 15)), 'manmade')
+
+
+def build_world(seed: int, n_samples: int, dt: float = 0.5, scenery: str = 'mixed') -> World:
+    """Deterministically build a scene world from ``seed`` (``scenery``: one of :data:`SCENERIES`)."""
+    if scenery not in SCENERIES:
+        raise ValueError(f"scenery {scenery!r}: expected one of {', '.join(SCENERIES)}")
     rng = np.random.default_rng(seed)
     ego_speed = float(rng.uniform(3.0, 7.0))
     duration = dt * max(n_samples - 1, 0)
@@ -314,10 +344,13 @@ def build_world(seed: int, n_samples: int, dt: float = 0.5) -> World:
         a = x0 + rng.uniform(0, 10)
         b = a + rng.uniform(12, 25)
         mat[(gx >= a) & (gx < b) & (ay < 0.5) & ~cross] = MAT_OTHER_FLAT
-    for _ in range(int((hi - lo) / 50)):
-        cx_, side = rng.uniform(lo, hi), rng.choice([-1, 1])
-        sel = (np.abs(gx - cx_) < rng.uniform(3, 8)) & (np.abs(gy - side * 15.5) < 1.8) & ~cross
-        mat[sel & (mat == MAT_TERRAIN)] = MAT_OTHER_FLAT
+    if scenery == 'banded':
+        mat[(ay >= BANDED_VERGE[0]) & (ay < BANDED_VERGE[1]) & ~cross] = MAT_OTHER_FLAT
+    else:
+        for _ in range(int((hi - lo) / 50)):
+            cx_, side = rng.uniform(lo, hi), rng.choice([-1, 1])
+            sel = (np.abs(gx - cx_) < rng.uniform(3, 8)) & (np.abs(gy - side * 15.5) < 1.8) & ~cross
+            mat[sel & (mat == MAT_TERRAIN)] = MAT_OTHER_FLAT
     world.material = mat
     # texture: 0.5 m random checker + gentle large-scale variation, anchored to the ground
     coarse = rng.uniform(0.85, 1.15, (nx // 25 + 2, ny // 25 + 2)).astype(np.float32)
@@ -331,27 +364,30 @@ def build_world(seed: int, n_samples: int, dt: float = 0.5) -> World:
 
     # -- static world: buildings, trees, poles, others
     for side in (-1, 1):
-        x = lo
-        while x < hi:
-            length = rng.uniform(10, 30)
-            if not in_cross(x, x + length, 2.0):
-                depth, height = rng.uniform(8, 20), rng.uniform(6, 15)
-                b.add('manmade', (x + length / 2, side * (BUILDING_Y + depth / 2)),
-                      (length, depth, height), 0.0)
-            x += length + rng.uniform(3, 10)
-        x = lo + rng.uniform(0, 8)
-        while x < hi:
-            if not in_cross(x - 2, x + 2):
-                if rng.uniform() < 0.75:
-                    trunk_h = rng.uniform(1.5, 2.5)
-                    b.add('vegetation', (x, side * TREE_Y), (0.4, 0.4, trunk_h), 0.0)
-                    cw = rng.uniform(2.0, 3.2)
-                    b.add('vegetation', (x, side * TREE_Y), (cw, cw, rng.uniform(2, 4)), 0.0,
-                          z0=trunk_h)
-                else:
-                    b.add('others', (x, side * (TREE_Y - 1.0)), (0.8, 0.8, rng.uniform(0.8, 1.4)),
-                          0.0)
-            x += rng.uniform(6, 14)
+        if scenery == 'banded':
+            _banded_scenery(b, side, lo, hi, in_cross)
+        else:
+            x = lo
+            while x < hi:
+                length = rng.uniform(10, 30)
+                if not in_cross(x, x + length, 2.0):
+                    depth, height = rng.uniform(8, 20), rng.uniform(6, 15)
+                    b.add('manmade', (x + length / 2, side * (BUILDING_Y + depth / 2)),
+                          (length, depth, height), 0.0)
+                x += length + rng.uniform(3, 10)
+            x = lo + rng.uniform(0, 8)
+            while x < hi:
+                if not in_cross(x - 2, x + 2):
+                    if rng.uniform() < 0.75:
+                        trunk_h = rng.uniform(1.5, 2.5)
+                        b.add('vegetation', (x, side * TREE_Y), (0.4, 0.4, trunk_h), 0.0)
+                        cw = rng.uniform(2.0, 3.2)
+                        b.add('vegetation', (x, side * TREE_Y), (cw, cw, rng.uniform(2, 4)), 0.0,
+                              z0=trunk_h)
+                    else:
+                        b.add('others', (x, side * (TREE_Y - 1.0)), (0.8, 0.8, rng.uniform(0.8, 1.4)),
+                              0.0)
+                x += rng.uniform(6, 14)
         x = lo + rng.uniform(0, 10)
         while x < hi:
             if not in_cross(x - 1, x + 1):
