@@ -386,6 +386,18 @@ def test_demo_trains_the_demo_config_with_its_own_batch(tmp_path):
     assert spec.smoke_eval_checkpoint == "latest.pth" and spec.pictures and spec.gates()["demo"]["checks"]
 
 
+def test_demo_gate_describes_the_demo_config():
+    """The demo gate's recipe (fbocc/reference.json) is the demo config's: a schedule change in one without the
+    other would make every demo run warn that it is not comparable."""
+    from mmcv import Config
+
+    spec = get_spec("fbocc")
+    cfg = Config.fromfile(str(REPO / spec.configs["demo"]))
+    demo = spec.gates()["demo"]
+    assert demo["steps"] == cfg.runner.max_iters
+    assert demo["global_batch"] == 2 * cfg.data.samples_per_gpu       # the demo's 2 processes
+
+
 def test_adamw_foreach_is_set_and_updates_bit_identically():
     """The port's AdamW(foreach=True): set by finalize unless the config says otherwise; the multi-tensor update is
     the same arithmetic as the per-tensor loop (float64 and float32 parameters, five steps: equal bit for bit)."""

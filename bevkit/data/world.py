@@ -176,8 +176,8 @@ RASTER_RES = 0.2
 #: other_flat verge, a row of boxy 'others' cabinets, hedges and a closed building row. The FB-OCC demo learns
 #: those on 2 CPU cores, where scattered thin trees stay below its 0.8 m grid's reach.
 SCENERIES = ('mixed', 'banded')
-BANDED_VERGE = (SIDEWALK[1], 16.0)      # other_flat verge behind the sidewalk
-BANDED_CABINET_Y, BANDED_HEDGE_Y, BANDED_BUILDING_Y = 17.2, 20.0, 24.0
+BANDED_VERGE = (SIDEWALK[1], 17.6)      # other_flat verge behind the sidewalk
+BANDED_CABINET_Y, BANDED_HEDGE_Y, BANDED_BUILDING_Y = 16.2, 20.0, 24.0
 
 
 @dataclass
@@ -292,7 +292,7 @@ def _banded_scenery(b: '_Builder', side: int, lo: float, hi: float, in_cross) ->
             x += seg + rng.uniform(*gap)
 
     row(BANDED_CABINET_Y, (1.2, 1.6), (3.0, 6.0), lambda: (1.2, rng.uniform(1.2, 1.6)), 'others')
-    row(BANDED_HEDGE_Y, (6.0, 14.0), (1.0, 3.0), lambda: (1.6, rng.uniform(1.6, 2.4)), 'vegetation')
+    row(BANDED_HEDGE_Y, (6.0, 14.0), (1.0, 3.0), lambda: (1.6, rng.uniform(2.0, 3.0)), 'vegetation')
     row(BANDED_BUILDING_Y, (15.0, 35.0), (1.0, 4.0), lambda: (rng.uniform(8, 16), rng.uniform(6, 15)), 'manmade')
 
 

@@ -42,6 +42,9 @@ CONFIG_SAMPLES_PER_DEVICE = {"fbocc/configs/fbocc_r50_8p.py": 4, "fbocc/configs/
 EVAL_SAMPLES_PER_DEVICE = 1
 #: the demo's processes: its 352-pixel-wide images decode at 1/4 of the JPEG's scale (bevkit.data.jpeg)
 DEMO_ENV = {jpeg.ENV: "1"}
+#: the demo's world: static classes in continuous bands (bevkit.data.world.SCENERIES), which the demo's 0.8 m grid
+#: learns within its 20 minutes; the default world's scattered trees and gapped buildings it does not (fbocc/README.md)
+DEMO_DATA = ("--scenery", "banded")
 
 #: The depth-pretrained weights the reference recipe starts from (``load_from``); no published checksum: its
 #: sha256 is recorded in the checkpoint folder's SHA256SUMS when first verified.
@@ -158,6 +161,7 @@ SPEC = ModelSpec(
     data_checks="bevkit.models.fbocc.data_check",
     metrics={"miou": ("mIoU", 1.0)},  # Occ3D mIoU in % (upstream's 'Overall')
     references="fbocc/reference.json",
+    demo_data=DEMO_DATA,
     demo_env=DEMO_ENV,
     pictures="bevkit.models.fbocc.pictures",
     checkpoints=((RESNET50, "model.img_backbone.pretrained"), (DEPTH_PRETRAIN, "load_from")),
