@@ -37,17 +37,7 @@ grid_config = {
 
 # No image or BEV augmentation: the demo fits one synthetic world in a few hundred steps, where random resizes,
 # rotations and flips only make depth harder to learn (the kit feeds these to the pipelines, bevkit.models.fbocc.config).
-data_config = {
-    'cams': ['CAM_FRONT_LEFT', 'CAM_FRONT', 'CAM_FRONT_RIGHT', 'CAM_BACK_LEFT', 'CAM_BACK', 'CAM_BACK_RIGHT'],
-    'Ncams': 6,
-    'input_size': (128, 352),
-    'src_size': (900, 1600),
-    'resize': (0.0, 0.0),
-    'rot': (0.0, 0.0),
-    'flip': False,
-    'crop_h': (0.0, 0.0),
-    'resize_test': 0.00,
-}
+data_config = dict(resize=(0.0, 0.0), rot=(0.0, 0.0), flip=False)  # merged into the smoke config's
 bda_aug_conf = dict(rot_lim=(0.0, 0.0), scale_lim=(1.0, 1.0), flip_dx_ratio=0.0, flip_dy_ratio=0.0)
 
 model = dict(
